@@ -1,0 +1,313 @@
+"""The bridge: a thin, stateless HTTP edge in front of JetStream (§5).
+
+It validates, publishes and answers; it never answers 202 for a message JetStream has not
+stored. What topics exist it learns from the consumer through the `gitfaas_config` key-value
+bucket (watched, so the hot path reads memory, not NATS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats.errors
+from aiohttp import web
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.errors import Error as JetStreamError
+from nats.js.kv import KeyValue
+from prometheus_client import Counter, Histogram
+
+from gitfaas import natsconn
+from gitfaas.logs import get_logger
+from gitfaas.metrics import json_error, metrics_view
+from gitfaas.settings import Settings
+from gitfaas.subjects import (
+    CONFIG_KEY,
+    HEADER_CONTENT_TYPE,
+    HEADER_MSG_ID,
+    HEADER_PARAM_ENCODING,
+    HEADER_PARAM_PREFIX,
+    HEADER_PUBLISHED_AT,
+    HEADER_REQUEST_ID,
+    InvalidName,
+    Subjects,
+    check_param_name,
+    check_topic,
+    encode_param,
+)
+
+log = get_logger("gitfaas.bridge")
+
+PUBLISHES = Counter("gitfaas_bridge_publishes_total", "Publish requests answered, by topic and HTTP code",
+                    ["topic", "code"])
+PUBLISH_SECONDS = Histogram("gitfaas_bridge_publish_seconds", "Time from request to JetStream ack",
+                            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))
+
+# Query parameters that steer the bridge itself rather than becoming template variables.
+RESERVED_QUERY = frozenset({"wait", "timeout", "parent"})
+OPEN_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+PUBLISH_TIMEOUT_SECONDS = 5.0
+REFRESH_TIMEOUT_SECONDS = 60.0
+NATS_UNAVAILABLE = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    asyncio.TimeoutError,
+    JetStreamError,
+)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def accepted_content_type(content_type: str) -> bool:
+    """Bodies are opaque bytes; only types that are clearly not one message are refused."""
+    if content_type in ("", "application/octet-stream", "application/json",
+                        "application/x-www-form-urlencoded"):  # curl -d sends the last one
+        return True
+    return content_type.startswith("text/") or content_type.endswith("+json")
+
+
+class Bridge:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.subjects = Subjects(settings.subject_prefix)
+        self.nc: Client | None = None
+        self.js: JetStreamContext | None = None
+        self.config_state: dict[str, Any] | None = None
+        self._topics: frozenset[str] = frozenset()
+        self._config_kv: KeyValue | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._token = (settings.bridge_token or "").encode()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.nc = await natsconn.connect(self.settings, "gitfaas-bridge", reconnected_cb=self._on_reconnected)
+        self.js = self.nc.jetstream(timeout=PUBLISH_TIMEOUT_SECONDS)
+        self._config_kv, _requests = await natsconn.ensure_all(self.js, self.settings)
+        self._start_watch()
+
+    async def stop(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watch_task
+        if self.nc is not None and not self.nc.is_closed:
+            await self.nc.close()
+
+    async def _on_reconnected(self) -> None:
+        log.info("nats reconnected")
+        self._start_watch()  # the server may have lost the watch's ephemeral consumer
+
+    def _start_watch(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        self._watch_task = asyncio.create_task(self._watch_config(), name="bridge-config-watch")
+
+    async def _watch_config(self) -> None:
+        assert self._config_kv is not None
+        while True:
+            try:
+                watcher = await self._config_kv.watch(CONFIG_KEY)
+                async for entry in watcher:
+                    if entry is not None and entry.value:
+                        self._set_state(json.loads(entry.value))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("configuration watch failed, retrying", error=str(exc) or type(exc).__name__)
+                await asyncio.sleep(1.0)
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        self.config_state = state
+        self._topics = frozenset(t["name"] for t in state.get("topics", []) if isinstance(t, dict))
+
+    # ---- application -----------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(
+            client_max_size=self.settings.max_payload_bytes,
+            middlewares=[self._errors_middleware, self._auth_middleware],
+        )
+        app.router.add_post("/publish/{topic}", self.publish)
+        app.router.add_get("/topics", self.topics)
+        app.router.add_route("GET", "/refresh", self.refresh)
+        app.router.add_route("POST", "/refresh", self.refresh)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", metrics_view)
+        return app
+
+    @web.middleware
+    async def _errors_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Every error is JSON with a sentence, including aiohttp's own (404 route, 405, 413)."""
+        try:
+            return await handler(request)
+        except web.HTTPRequestEntityTooLarge:
+            return json_error(413, f"body is larger than MAX_PAYLOAD_BYTES ({self.settings.max_payload_bytes})")
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return json_error(exc.status, exc.reason or "error")
+
+    @web.middleware
+    async def _auth_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not self._token or request.path in OPEN_ROUTES:
+            return await handler(request)
+        given = request.headers.get("Authorization", "")
+        scheme, _, credential = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(credential.strip().encode(), self._token):
+            return json_error(401, "missing or wrong bearer token (Authorization: Bearer <BRIDGE_TOKEN>)")
+        return await handler(request)
+
+    # ---- routes ----------------------------------------------------------------------------
+
+    async def publish(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        topic = request.match_info["topic"]
+        response = await self._publish(request, topic)
+        label = topic if topic in self._topics else "-"
+        PUBLISHES.labels(label, str(response.status)).inc()
+        if response.status == 202:
+            PUBLISH_SECONDS.observe(time.perf_counter() - started)
+        return response
+
+    async def _publish(self, request: web.Request, topic: str) -> web.Response:
+        try:
+            check_topic(topic)
+        except InvalidName as exc:
+            return json_error(400, str(exc))
+        if self.nc is None or self.js is None or not self.nc.is_connected:
+            return json_error(503, "NATS is unavailable; the message was not accepted")
+        if self.config_state is None or not self.config_state.get("commit"):
+            return json_error(503, "no configuration loaded yet (is a consumer running?)")
+        if topic not in self._topics:
+            return json_error(404, f"topic {topic!r} is not in the configuration in use "
+                                   f"(commit {self.config_state.get('commit')})")
+        content_type = request.content_type if request.headers.get("Content-Type") else ""
+        if not accepted_content_type(content_type):
+            return json_error(415, f"content type {content_type!r} is not supported: send text/plain, "
+                                   "application/json, application/octet-stream or no body")
+        limit = self.settings.max_payload_bytes
+        if request.content_length is not None and request.content_length > limit:
+            return json_error(413, f"body is larger than MAX_PAYLOAD_BYTES ({limit})")
+        body = await request.read()
+        if content_type == "application/json" or content_type.endswith("+json"):
+            try:
+                json.loads(body or b"null")
+            except (ValueError, UnicodeDecodeError) as exc:
+                return json_error(400, f"body is not valid JSON: {exc}")
+
+        request_id = str(uuid.uuid4())
+        headers = {
+            HEADER_REQUEST_ID: request_id,
+            HEADER_PUBLISHED_AT: f"{time.time():.6f}",
+        }
+        if content_type:
+            headers[HEADER_CONTENT_TYPE] = content_type
+        params = 0
+        for name, value in request.query.items():
+            if name in RESERVED_QUERY:
+                continue
+            try:
+                check_param_name(name)
+            except InvalidName as exc:
+                return json_error(400, str(exc))
+            headers[HEADER_PARAM_PREFIX + name] = encode_param(value)
+            params += 1
+        if params:
+            headers[HEADER_PARAM_ENCODING] = "percent"
+        idempotency_key = request.headers.get("Idempotency-Key")
+        if idempotency_key:
+            headers[HEADER_MSG_ID] = idempotency_key
+
+        try:
+            ack = await self.js.publish(self.subjects.topic(topic), body, headers=headers,
+                                        stream=self.settings.stream, timeout=PUBLISH_TIMEOUT_SECONDS)
+        except NATS_UNAVAILABLE as exc:
+            log.warning("publish not stored", topic=topic, error=str(exc) or type(exc).__name__)
+            return json_error(503, "JetStream did not store the message; it was not accepted: "
+                                   f"{type(exc).__name__}")
+        if ack.duplicate:
+            request_id = await self._original_request_id(ack.seq) or request_id
+        return web.json_response(
+            {"request_id": request_id, "topic": topic, "stream_seq": ack.seq, "duplicate": bool(ack.duplicate)},
+            status=202,
+        )
+
+    async def _original_request_id(self, seq: int) -> str | None:
+        """A duplicate publish answers with the first request's id, read back from the stream."""
+        assert self.js is not None
+        try:
+            original = await self.js.get_msg(self.settings.stream, seq)
+        except NATS_UNAVAILABLE:
+            return None
+        return (original.headers or {}).get(HEADER_REQUEST_ID)
+
+    async def topics(self, _request: web.Request) -> web.Response:
+        if self.config_state is None:
+            return web.json_response({"commit": None, "loaded_at": None, "topics": [],
+                                      "error": "no configuration loaded yet (is a consumer running?)"})
+        return web.json_response(self.config_state)
+
+    async def refresh(self, _request: web.Request) -> web.Response:
+        if self.nc is None or not self.nc.is_connected:
+            return json_error(503, "NATS is unavailable")
+        try:
+            reply = await self.nc.request(self.subjects.refresh, b"", timeout=REFRESH_TIMEOUT_SECONDS)
+        except nats.errors.NoRespondersError:
+            return json_error(503, "no consumer is running to refresh the repository")
+        except (TimeoutError, nats.errors.TimeoutError):
+            return json_error(504, f"the consumer did not finish refreshing within {REFRESH_TIMEOUT_SECONDS}s")
+        state = json.loads(reply.data)
+        self._set_state(state)
+        return web.json_response(state)
+
+    async def healthz(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, _request: web.Request) -> web.Response:
+        connected = bool(self.nc and self.nc.is_connected)
+        stream_ok = False
+        if connected and self.js is not None:
+            try:
+                await self.js.stream_info(self.settings.stream)
+                stream_ok = True
+            except NATS_UNAVAILABLE:
+                stream_ok = False
+        commit = (self.config_state or {}).get("commit")
+        ready = connected and stream_ok and bool(commit)
+        detail = {"ready": ready, "nats": "connected" if connected else "disconnected",
+                  "stream": self.settings.stream if stream_ok else None, "configuration": commit}
+        return web.json_response(detail, status=200 if ready else 503)
+
+
+async def serve(bridge: Bridge, host: str, port: int) -> web.AppRunner:
+    """Start the HTTP server; the caller cleans the returned runner up."""
+    runner = web.AppRunner(bridge.app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
+async def run(settings: Settings) -> None:
+    """`gitfaas bridge`: run until SIGTERM/SIGINT."""
+    bridge = Bridge(settings)
+    await bridge.start()
+    runner = await serve(bridge, settings.bridge_host, settings.bridge_port)
+    log.info("bridge listening", host=settings.bridge_host, port=settings.bridge_port)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+        await bridge.stop()

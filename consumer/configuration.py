@@ -1,0 +1,232 @@
+"""Loading and checking a commit's `config.json` and the manifests it names (§3, §7).
+
+The result is an immutable `Configuration`: the consumer swaps its reference atomically, so a
+message is always rendered from one whole commit, and a bad commit never replaces a good one.
+Every problem is collected (not just the first) so `gitfaas validate` can list them all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from consumer.render import CompiledDocument, TemplateError, compile_manifest
+from gitfaas.settings import Settings
+from gitfaas.subjects import InvalidName, check_topic
+
+MAX_MANIFEST_BYTES = 1024 * 1024
+MAX_CONFIG_BYTES = 1024 * 1024
+TOPIC_KEYS = {"name", "configs", "manifests", "namespace", "maxConcurrency", "maxActiveJobs", "retries"}
+
+
+class ConfigurationError(ValueError):
+    """A commit that cannot serve; `problems` lists each one, naming file and field."""
+
+    def __init__(self, commit: str, problems: list[str]) -> None:
+        self.commit = commit
+        self.problems = problems
+        super().__init__(f"commit {commit[:12]}: " + "; ".join(problems))
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    name: str
+    configs: tuple[str, ...]
+    documents: tuple[CompiledDocument, ...]
+    namespace: str | None = None
+    max_concurrency: int | None = None
+    max_active_jobs: int | None = None
+    retries: int = 0
+
+    @property
+    def variables(self) -> frozenset[str]:
+        return frozenset().union(*(doc.variables for doc in self.documents))
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "configs": list(self.configs)}
+        for key, value in (
+            ("namespace", self.namespace),
+            ("maxConcurrency", self.max_concurrency),
+            ("maxActiveJobs", self.max_active_jobs),
+        ):
+            if value is not None:
+                out[key] = value
+        out["retries"] = self.retries
+        out["variables"] = sorted(self.variables)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Configuration:
+    commit: str
+    topics: Mapping[str, Topic]
+    loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "commit": self.commit,
+            "loaded_at": self.loaded_at,
+            "topics": [topic.summary() for topic in self.topics.values()],
+        }
+
+
+def load_configuration(root: Path, commit: str, settings: Settings) -> Configuration:
+    """Read and check everything; raise `ConfigurationError` listing every problem."""
+    problems: list[str] = []
+    config_path = settings.config_path
+    raw = _read_inside(root, config_path, MAX_CONFIG_BYTES, problems, what="configuration")
+    if raw is None:
+        raise ConfigurationError(commit, problems)
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(commit, [f"{config_path}: not valid JSON: {exc}"]) from None
+    entries = data.get("topics") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise ConfigurationError(commit, [f'{config_path}: expected an object with a "topics" list'])
+
+    compiled: dict[str, list[CompiledDocument]] = {}
+    topics: dict[str, Topic] = {}
+    for position, entry in enumerate(entries):
+        where = f"{config_path}: topics[{position}]"
+        topic = _topic(entry, where, root, settings, compiled, problems)
+        if topic is None:
+            continue
+        if topic.name in topics:
+            problems.append(f"{where}: topic {topic.name!r} is defined twice")
+            continue
+        topics[topic.name] = topic
+    if problems:
+        raise ConfigurationError(commit, problems)
+    return Configuration(commit=commit, topics=topics)
+
+
+def _topic(
+    entry: Any,
+    where: str,
+    root: Path,
+    settings: Settings,
+    compiled: dict[str, list[CompiledDocument]],
+    problems: list[str],
+) -> Topic | None:
+    if not isinstance(entry, dict):
+        problems.append(f"{where}: expected an object with name and configs")
+        return None
+    before = len(problems)
+    unknown = sorted(set(entry) - TOPIC_KEYS)
+    if unknown:
+        problems.append(f"{where}: unknown key(s) {', '.join(unknown)}")
+    name = entry.get("name")
+    if not isinstance(name, str):
+        problems.append(f"{where}.name: expected a topic name (string)")
+        name = "?"
+    else:
+        try:
+            check_topic(name)
+        except InvalidName as exc:
+            problems.append(f"{where}.name: {exc}")
+        where = f"{where} ({name})"
+    files = entry.get("configs", entry.get("manifests"))
+    if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
+        problems.append(f"{where}.configs: expected a non-empty list of manifest paths")
+        files = []
+    namespace = _optional(entry, "namespace", str, where, problems)
+    max_concurrency = _optional(entry, "maxConcurrency", int, where, problems, minimum=1)
+    max_active = _optional(entry, "maxActiveJobs", int, where, problems, minimum=1)
+    retries = _optional(entry, "retries", int, where, problems, minimum=0) or 0
+    if namespace is not None and namespace not in settings.namespaces_allowed:
+        problems.append(f"{where}.namespace: {namespace!r} is not in ALLOWED_NAMESPACES "
+                        f"({', '.join(sorted(settings.namespaces_allowed))})")
+
+    documents: list[CompiledDocument] = []
+    for path in files:
+        if path not in compiled:
+            text = _read_inside(root, path, MAX_MANIFEST_BYTES, problems, what="manifest")
+            if text is None:
+                compiled[path] = []
+                continue
+            try:
+                compiled[path] = compile_manifest(text.decode("utf-8"), path)
+            except UnicodeDecodeError:
+                problems.append(f"{path}: not UTF-8 text")
+                compiled[path] = []
+                continue
+            except TemplateError as exc:
+                problems.append(str(exc))
+                compiled[path] = []
+                continue
+            if not compiled[path]:
+                problems.append(f"{path}: holds no YAML document")
+        for doc in compiled[path]:
+            problems.extend(check_document(doc, settings, namespace))
+        documents.extend(compiled[path])
+    if len(problems) > before:
+        return None
+    return Topic(
+        name=name,
+        configs=tuple(files),
+        documents=tuple(documents),
+        namespace=namespace,
+        max_concurrency=max_concurrency,
+        max_active_jobs=max_active,
+        retries=retries,
+    )
+
+
+def _optional(entry: dict[str, Any], key: str, kind: type, where: str, problems: list[str],
+              minimum: int | None = None) -> Any:
+    value = entry.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, kind) or isinstance(value, bool) or (minimum is not None and value < minimum):
+        expected = "a string" if kind is str else f"a whole number >= {minimum}"
+        problems.append(f"{where}.{key}: expected {expected}, not {value!r}")
+        return None
+    return value
+
+
+def check_document(doc: CompiledDocument, settings: Settings, topic_namespace: str | None) -> list[str]:
+    """§3/§7 checks that can be made before any message: shape, kind policy, namespace."""
+    where = f"{doc.source}:{doc.line}"
+    static = doc.sample()  # variables appear as "{{NAME}}" text
+    problems: list[str] = []
+    for key in ("apiVersion", "kind"):
+        if not static.get(key):
+            problems.append(f"{where}: document has no {key}")
+    metadata = static.get("metadata")
+    if not isinstance(metadata, dict) or not (metadata.get("name") or metadata.get("generateName")):
+        problems.append(f"{where}: document has no metadata.name or metadata.generateName")
+        metadata = {}
+    kind = static.get("kind")
+    if isinstance(kind, str) and kind in settings.banned_kinds:
+        problems.append(f"{where}: kind {kind} is banned (BANNED_KINDS)")
+    namespace = metadata.get("namespace")
+    if isinstance(namespace, str) and "{{" not in namespace and namespace not in settings.namespaces_allowed:
+        problems.append(f"{where}: namespace {namespace!r} is not allowed (ALLOWED_NAMESPACES: "
+                        f"{', '.join(sorted(settings.namespaces_allowed))})")
+    return problems
+
+
+def _read_inside(root: Path, relative: str, limit: int, problems: list[str], what: str) -> bytes | None:
+    """Read a file that must stay inside the repository (no `..`, absolute path, or escaping link)."""
+    if not relative or os.path.isabs(relative) or ".." in Path(relative).parts:
+        problems.append(f"{relative or '(empty)'}: {what} path must be relative and stay inside the repository")
+        return None
+    real_root = root.resolve()
+    target = (real_root / relative).resolve()
+    if not target.is_relative_to(real_root):
+        problems.append(f"{relative}: {what} path leaves the repository through a symbolic link")
+        return None
+    if not target.is_file():
+        problems.append(f"{relative}: {what} file not found in the repository")
+        return None
+    size = target.stat().st_size
+    if size > limit:
+        problems.append(f"{relative}: {what} file is {size} bytes, more than the limit of {limit}")
+        return None
+    return target.read_bytes()

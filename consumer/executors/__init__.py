@@ -1,0 +1,46 @@
+"""Executors: what "apply these documents" means (§10).
+
+`kubernetes` applies to a cluster; `dry-run` only prints. The consumer depends on the small
+`Executor` protocol only, so executors can be swapped by the `EXECUTOR` setting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gitfaas.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """One object as applied: what the status document and logs report."""
+
+    api_version: str
+    kind: str
+    namespace: str | None
+    name: str
+    uid: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "namespace": self.namespace, "name": self.name}
+
+
+class Executor(Protocol):
+    async def start(self) -> None: ...
+
+    async def apply(self, document: dict[str, Any]) -> Applied: ...
+
+    async def close(self) -> None: ...
+
+
+def make_executor(settings: Settings) -> Executor:
+    if settings.executor == "kubernetes":
+        from consumer.executors.kubernetes import KubernetesExecutor
+
+        return KubernetesExecutor(settings)
+    if settings.executor == "dry-run":
+        from consumer.executors.dryrun import DryRunExecutor
+
+        return DryRunExecutor()
+    raise ValueError(f"executor {settings.executor!r} is not available yet")

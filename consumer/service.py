@@ -1,0 +1,360 @@
+"""The consumer service: keep the repository in sync, turn each message into applied objects.
+
+Flow per message: topic → the documents of the configuration in use → values from the message →
+render → stamp and check policy → apply each in order → ack. A failure is either transient
+(nak, JetStream redelivers later) or permanent (dead letter at once); see `consumer.errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from typing import Any
+
+import structlog
+from aiohttp import web
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from consumer import metrics
+from consumer.configuration import Configuration, ConfigurationError, load_configuration
+from consumer.errors import PermanentError, TransientError
+from consumer.executors import Applied, Executor, make_executor
+from consumer.gitsync import GitSync, GitSyncError
+from consumer.prepare import PolicyError, Stamp, prepare
+from consumer.pull import ContinuousPull
+from consumer.render import MissingVariablesError, RenderError
+from consumer.variables import MessageValues
+from gitfaas import natsconn
+from gitfaas.logs import get_logger
+from gitfaas.metrics import metrics_view
+from gitfaas.settings import Settings
+from gitfaas.subjects import (
+    CONFIG_KEY,
+    HEADER_ERROR,
+    HEADER_REQUEST_ID,
+    Subjects,
+    decode_params,
+)
+
+log = get_logger("gitfaas.consumer")
+
+NO_CONFIG_RETRY_SECONDS = 2.0
+MAX_NAK_DELAY_SECONDS = 60.0
+
+
+def nak_delay(delivered: int) -> float:
+    """Exponential redelivery delay for transient failures: 1s, 2s, 4s ... capped."""
+    return min(MAX_NAK_DELAY_SECONDS, 2.0 ** max(0, delivered - 1))
+
+
+class Consumer:
+    def __init__(self, settings: Settings, executor: Executor | None = None) -> None:
+        self.settings = settings
+        self.subjects = Subjects(settings.subject_prefix)
+        self.executor = executor or make_executor(settings)
+        self.gitsync = GitSync(settings)
+        self.config: Configuration | None = None
+        self.config_error: str | None = None
+        self.nc: Client | None = None
+        self.js: JetStreamContext | None = None
+        self._config_kv: KeyValue | None = None
+        self._pull: ContinuousPull | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[Any]] = []
+        self._http: web.AppRunner | None = None
+        self._refresh_lock = asyncio.Lock()
+        self._topic_limits: dict[str, asyncio.Semaphore] = {}
+        self.http_port: int | None = None
+        self.handled = 0  # messages finished by this process (acked or given up on)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        self.nc = await natsconn.connect(
+            s, "gitfaas-consumer", reconnected_cb=self._on_reconnected, disconnected_cb=self._on_disconnected
+        )
+        self.js = self.nc.jetstream()
+        self._config_kv, _requests = await natsconn.ensure_all(self.js, s)
+        await self.executor.start()
+        await self.refresh()
+        await self.nc.subscribe(self.subjects.refresh, cb=self._on_refresh_request)
+        await self._start_http()
+        self._pull = ContinuousPull(self.nc, s.stream, s.durable, s.max_concurrency)
+        await self._pull.start()
+        self._loops.append(asyncio.create_task(self._dispatch(), name="consumer-dispatch"))
+        if s.git_poll_seconds > 0:
+            self._loops.append(asyncio.create_task(self._poll(), name="consumer-git-poll"))
+        log.info("consumer started", stream=s.stream, durable=s.durable, executor=s.executor,
+                 source=self.gitsync.display_source, max_concurrency=s.max_concurrency,
+                 http_port=self.http_port)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop taking messages, let in-flight ones finish (up to `grace`), give back the rest."""
+        for task in self._loops:
+            task.cancel()
+        if self._pull is not None:
+            for msg in await self._pull.stop():
+                with contextlib.suppress(Exception):
+                    await msg.nak()
+        if self._tasks:
+            _done, pending = await asyncio.wait(self._tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+        if self._http is not None:
+            await self._http.cleanup()
+        if self.nc is not None and not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self.nc.flush(timeout=2)
+            await self.nc.close()
+        await self.executor.close()
+        log.info("consumer stopped")
+
+    async def _on_reconnected(self) -> None:
+        log.info("nats reconnected")
+        if self._pull is not None:
+            await self._pull.reset()
+
+    async def _on_disconnected(self) -> None:
+        log.warning("nats disconnected")
+
+    # ---- configuration ---------------------------------------------------------------------
+
+    async def refresh(self) -> dict[str, Any]:
+        """Pull git now; load the commit if it is new. Returns the state `/topics` shows."""
+        async with self._refresh_lock:
+            try:
+                snapshot = await asyncio.to_thread(self.gitsync.sync)
+            except GitSyncError as exc:
+                metrics.GIT_SYNCS.labels("error").inc()
+                self.config_error = f"git sync failed: {exc}"
+                log.error("git sync failed", error=str(exc))
+            else:
+                metrics.GIT_SYNCS.labels("ok").inc()
+                if self.config is None or snapshot.commit != self.config.commit:
+                    await self._load(snapshot.root, snapshot.commit)
+                else:
+                    self.config_error = None
+            state = self.state()
+            await self._publish_state(state)
+            return state
+
+    async def _load(self, root: Any, commit: str) -> None:
+        try:
+            config = await asyncio.to_thread(load_configuration, root, commit, self.settings)
+        except ConfigurationError as exc:
+            metrics.CONFIG_OK.set(0)
+            self.config_error = str(exc)
+            log.error("commit refused, keeping the last good configuration", commit=commit,
+                      problems=exc.problems, serving=self.config.commit if self.config else None)
+            return
+        self.config = config  # one assignment: a message sees one whole commit
+        self.config_error = None
+        metrics.CONFIG_OK.set(1)
+        log.info("configuration loaded", commit=commit, topics=sorted(config.topics))
+
+    def state(self) -> dict[str, Any]:
+        if self.config is None:
+            return {"commit": None, "loaded_at": None, "topics": [], "error": self.config_error,
+                    "source": self.gitsync.display_source}
+        return {**self.config.summary(), "error": self.config_error, "source": self.gitsync.display_source}
+
+    async def _publish_state(self, state: dict[str, Any]) -> None:
+        if self._config_kv is None:
+            return
+        try:
+            await self._config_kv.put(CONFIG_KEY, json.dumps(state).encode())
+        except Exception as exc:
+            log.warning("could not publish configuration state", error=str(exc) or type(exc).__name__)
+
+    async def _on_refresh_request(self, msg: Msg) -> None:
+        state = await self.refresh()
+        if msg.reply:
+            await msg.respond(json.dumps(state).encode())
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.git_poll_seconds)
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("git poll failed")
+
+    # ---- messages --------------------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        assert self._pull is not None
+        while True:
+            msg = await self._pull.get()
+            task = asyncio.create_task(self._handle(msg))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, msg: Msg) -> None:
+        assert self._pull is not None
+        metrics.IN_FLIGHT.inc()
+        try:
+            await self._handle_one(msg)
+        finally:
+            metrics.IN_FLIGHT.dec()
+            structlog.contextvars.clear_contextvars()
+            await self._pull.release()
+
+    async def _handle_one(self, msg: Msg) -> None:
+        meta = msg.metadata
+        seq = meta.sequence.stream
+        headers = msg.headers or {}
+        topic = self.subjects.topic_of(msg.subject) or msg.subject
+        request_id = headers.get(HEADER_REQUEST_ID) or f"seq-{seq}"
+        structlog.contextvars.bind_contextvars(request_id=request_id, topic=topic, stream_seq=seq)
+        config = self.config
+        if config is None:
+            log.info("no configuration loaded yet, message waits")
+            await msg.nak(delay=NO_CONFIG_RETRY_SECONDS)
+            return
+        started = time.perf_counter()
+        try:
+            applied = await self._process(msg, config, topic, request_id, seq)
+        except PermanentError as exc:
+            await self._give_up(msg, topic, str(exc))
+        except TransientError as exc:
+            if meta.num_delivered >= self.settings.max_deliver:
+                await self._give_up(msg, topic, f"{exc} (after {meta.num_delivered} deliveries)")
+            else:
+                delay = nak_delay(meta.num_delivered)
+                log.warning("transient failure, will retry", error=str(exc), attempt=meta.num_delivered,
+                            retry_in_s=delay)
+                metrics.MESSAGES.labels(topic, "retried").inc()
+                await msg.nak(delay=delay)
+        except Exception as exc:  # a bug: keep the message, say loudly what happened
+            log.exception("unexpected error while handling message")
+            if meta.num_delivered >= self.settings.max_deliver:
+                await self._give_up(msg, topic, f"internal error: {type(exc).__name__}: {exc}")
+            else:
+                await msg.nak(delay=nak_delay(meta.num_delivered))
+        else:
+            await msg.ack()
+            self.handled += 1
+            metrics.MESSAGES.labels(topic, "applied").inc()
+            metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
+            log.info("applied", commit=config.commit, objects=[a.as_dict() for a in applied],
+                     duration_ms=round((time.perf_counter() - started) * 1000, 1))
+
+    async def _process(
+        self, msg: Msg, config: Configuration, topic_name: str, request_id: str, seq: int
+    ) -> list[Applied]:
+        topic = config.topics.get(topic_name)
+        if topic is None:
+            raise PermanentError(f"topic {topic_name!r} is not in the configuration of commit {config.commit}")
+        documents = self.render(msg, config, topic_name, request_id, seq)
+        limit = self._topic_limit(topic_name, topic.max_concurrency)
+        async with limit:
+            return [await self.executor.apply(document) for document in documents]
+
+    def render(
+        self, msg: Msg, config: Configuration, topic_name: str, request_id: str, seq: int
+    ) -> list[dict[str, Any]]:
+        """Every document of the message, rendered and stamped — or nothing at all."""
+        topic = config.topics[topic_name]
+        values = MessageValues(
+            request_id=request_id,
+            topic=topic_name,
+            body=msg.data or b"",
+            params=decode_params(msg.headers),
+            nats_url=self.settings.function_nats_url or self.settings.nats_url,
+            bridge_url=self.settings.bridge_url,
+        )
+        stamp = Stamp(topic=topic_name, request_id=request_id, stream_seq=seq, commit=config.commit)
+        namespace = topic.namespace or self.settings.kube_namespace
+        resolved: list[dict[str, str]] = []
+        missing: set[str] = set()
+        for ordinal, doc in enumerate(topic.documents):
+            try:
+                resolved.append(values.resolve(doc.variables, ordinal))
+            except MissingVariablesError as exc:
+                missing.update(exc.names)
+        if missing:
+            raise PermanentError(f"missing variables: {', '.join(sorted(missing))}")
+        try:
+            return [
+                prepare(doc.render(vals), ordinal=ordinal, stamp=stamp, namespace=namespace,
+                        settings=self.settings)
+                for ordinal, (doc, vals) in enumerate(zip(topic.documents, resolved, strict=True))
+            ]
+        except (RenderError, PolicyError, MissingVariablesError) as exc:
+            raise PermanentError(str(exc)) from None
+
+    def _topic_limit(self, topic: str, limit: int | None) -> asyncio.Semaphore | contextlib.nullcontext[None]:
+        if not limit:
+            return contextlib.nullcontext()
+        semaphore = self._topic_limits.get(topic)
+        if semaphore is None:
+            semaphore = self._topic_limits[topic] = asyncio.Semaphore(limit)
+        return semaphore
+
+    async def _give_up(self, msg: Msg, topic: str, reason: str) -> None:
+        """Dead-letter the message with its reason, then stop JetStream redelivering it."""
+        log.error("message given up on", error=reason)
+        assert self.js is not None
+        headers = dict(msg.headers or {})
+        headers[HEADER_ERROR] = " ".join(reason.split())[:1000]
+        headers["Gitfaas-Stream-Seq"] = str(msg.metadata.sequence.stream)
+        headers["Gitfaas-Attempts"] = str(msg.metadata.num_delivered)
+        headers.pop("Nats-Msg-Id", None)
+        try:
+            await self.js.publish(self.subjects.dead(topic), msg.data or b"", headers=headers,
+                                  stream=self.settings.dead_stream)
+        except Exception as exc:
+            log.error("dead letter not stored, message kept for redelivery", error=str(exc) or type(exc).__name__)
+            await msg.nak(delay=MAX_NAK_DELAY_SECONDS)
+            return
+        await msg.term()
+        self.handled += 1
+        metrics.DEAD_LETTERS.labels(topic).inc()
+        metrics.MESSAGES.labels(topic, "dead").inc()
+
+    # ---- HTTP: health, readiness, metrics --------------------------------------------------
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        connected = bool(self.nc and self.nc.is_connected)
+        detail = {
+            "nats": "connected" if connected else "disconnected",
+            "configuration": self.config.commit if self.config else None,
+            "error": self.config_error,
+        }
+        return connected and self.config is not None, detail
+
+    async def _start_http(self) -> None:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", metrics_view)
+        self._http = web.AppRunner(app, access_log=None)
+        await self._http.setup()
+        site = web.TCPSite(self._http, self.settings.consumer_host, self.settings.consumer_http_port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.http_port = sockets[0].getsockname()[1] if sockets else self.settings.consumer_http_port
+
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, _request: web.Request) -> web.Response:
+        ok, detail = self.ready()
+        return web.json_response({"ready": ok, **detail}, status=200 if ok else 503)
+
+
+async def run(settings: Settings) -> None:
+    """`gitfaas consumer`: run until SIGTERM/SIGINT."""
+    consumer = Consumer(settings)
+    await consumer.start()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await consumer.stop()

@@ -1,0 +1,110 @@
+"""The values a message gives the template variables of §4.
+
+Only the variables a topic's documents actually use are computed: a topic without `MESSAGE`
+never pays for base64, one without `body.*` never parses JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from consumer.render import MissingVariablesError
+
+_FUNCTION_UID_NAMESPACE = uuid.UUID("6f1b0c2e-8a43-4c55-9a0e-2f3f6b1d7c11")
+_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+PER_DOCUMENT = frozenset({"RANDOM", "FUNCTION_UID"})
+
+
+def random_token(request_id: str, ordinal: int, length: int = 10) -> str:
+    """`RANDOM`: looks random, but is the same on every redelivery of the same request."""
+    number = int.from_bytes(hashlib.sha256(f"{request_id}\0{ordinal}".encode()).digest()[:12], "big")
+    chars = []
+    for _ in range(length):
+        number, digit = divmod(number, 36)
+        chars.append(_ALPHABET[digit])
+    return "".join(chars)
+
+
+def function_uid(request_id: str, ordinal: int) -> str:
+    return str(uuid.uuid5(_FUNCTION_UID_NAMESPACE, f"{request_id}/{ordinal}"))
+
+
+@dataclass(slots=True)
+class MessageValues:
+    """Everything one message can say; `resolve` turns a set of names into their values."""
+
+    request_id: str
+    topic: str
+    body: bytes
+    params: dict[str, str]
+    nats_url: str
+    bridge_url: str
+    _json: Any = field(default=None, init=False)
+    _json_error: str | None = field(default=None, init=False)
+    _json_parsed: bool = field(default=False, init=False)
+    _message: str | None = field(default=None, init=False)
+
+    def resolve(self, names: Iterable[str], ordinal: int) -> dict[str, str]:
+        """Values for one document (`ordinal` is its position within the topic).
+
+        Raises `MissingVariablesError` naming every variable without a value.
+        """
+        values: dict[str, str] = {}
+        missing: list[str] = []
+        for name in names:
+            value = self._value(name, ordinal)
+            if value is None:
+                missing.append(name)
+            else:
+                values[name] = value
+        if missing:
+            raise MissingVariablesError(tuple(sorted(missing)))
+        return values
+
+    def _value(self, name: str, ordinal: int) -> str | None:
+        if name in ("MESSAGE", "PAYLOAD"):
+            if self._message is None:
+                self._message = base64.b64encode(self.body).decode("ascii")
+            return self._message
+        if name in ("REQUEST_UUID", "REQUEST_ID"):
+            return self.request_id
+        if name == "RANDOM":
+            return random_token(self.request_id, ordinal)
+        if name == "FUNCTION_UID":
+            return function_uid(self.request_id, ordinal)
+        if name == "TOPIC":
+            return self.topic
+        if name == "NATS_URL":
+            return self.nats_url
+        if name == "BRIDGE_URL":
+            return self.bridge_url
+        if name.startswith("body."):
+            return self._body_field(name[5:])
+        return self.params.get(name)
+
+    def _body_field(self, path: str) -> str | None:
+        if not self._json_parsed:
+            self._json_parsed = True
+            try:
+                self._json = json.loads(self.body)
+            except (ValueError, UnicodeDecodeError):
+                self._json_error = "the body is not JSON"
+        if self._json_error:
+            return None
+        node = self._json
+        for part in path.split("."):
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                return None
+        if isinstance(node, str):
+            return node
+        return json.dumps(node, separators=(",", ":"))

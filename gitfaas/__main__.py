@@ -1,0 +1,5 @@
+import sys
+
+from gitfaas.cli import main
+
+sys.exit(main())

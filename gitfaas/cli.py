@@ -1,0 +1,107 @@
+"""The `gitfaas` command (§9). It wires services together; no service imports it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from gitfaas import logs
+from gitfaas.settings import Settings, SettingsError
+
+EXAMPLES = """\
+examples:
+  gitfaas up --repo examples/pipeline        # everything on this machine
+  GIT_URL=https://github.com/me/pipes.git gitfaas consumer
+  gitfaas bridge                             # HTTP on :5000 (BRIDGE_PORT)
+"""
+
+
+def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
+    """Run until done or until SIGINT/SIGTERM, then let the coroutine clean up."""
+
+    async def runner() -> None:
+        task = asyncio.ensure_future(main())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(runner())
+    return 0
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        print(f"gitfaas: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_bridge(_args: argparse.Namespace) -> int:
+    from bridge.app import run
+
+    settings = _settings()
+    logs.configure(settings.log_level, settings.log_format)
+    return _run(lambda: run(settings))
+
+
+def cmd_consumer(_args: argparse.Namespace) -> int:
+    from consumer.service import run
+
+    settings = _settings()
+    logs.configure(settings.log_level, settings.log_format)
+    return _run(lambda: run(settings))
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from gitfaas.launcher import up
+
+    settings = _settings()
+    logs.configure(settings.log_level, settings.log_format)
+    return _run(lambda: up(settings, repo=args.repo, executor=args.executor, port=args.port,
+                           state_dir=Path(args.state_dir)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gitfaas",
+        description="GitOps functions-as-a-service: publish a topic, gitfaas applies its manifests.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="run NATS, the bridge and the consumer on this machine",
+                        description="Start an embedded nats-server (state under .gitfaas/), the bridge "
+                                    "and the consumer in one process tree. Ctrl-C stops everything.",
+                        epilog="example:\n  gitfaas up --repo examples/pipeline --port 5000",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    up.add_argument("--repo", default=os.environ.get("GIT_URL") or ".",
+                    help="repository: local directory, file://, https or ssh URL (default: GIT_URL or .)")
+    up.add_argument("--executor", choices=["local", "dry-run", "kubernetes"], default=None,
+                    help="how documents are applied (default: EXECUTOR, else dry-run)")
+    up.add_argument("--port", type=int, default=None, help="bridge HTTP port (default 5000)")
+    up.add_argument("--state-dir", default=".gitfaas", help="where NATS keeps its data (default .gitfaas)")
+    up.set_defaults(func=cmd_up)
+
+    bridge = sub.add_parser("bridge", help="run the HTTP bridge (configured by environment, §8)")
+    bridge.set_defaults(func=cmd_bridge)
+    consumer = sub.add_parser("consumer", help="run the consumer (configured by environment, §8)")
+    consumer.set_defaults(func=cmd_consumer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    return func(args)
+

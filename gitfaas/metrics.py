@@ -1,0 +1,17 @@
+"""Prometheus exposition shared by both services' `/metrics` routes."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+
+async def metrics_view(_request: web.Request) -> web.Response:
+    response = web.Response(body=generate_latest(REGISTRY))
+    response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+    return response
+
+
+def json_error(status: int, message: str) -> web.Response:
+    """Every error the services answer has this shape: `{"error": "<clear sentence>"}`."""
+    return web.json_response({"error": message}, status=status)

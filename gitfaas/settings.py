@@ -1,0 +1,195 @@
+"""Settings, parsed once from the environment into a frozen object.
+
+Every other module receives a `Settings`; none reads `os.environ` itself, so a test or the
+`gitfaas up` launcher can run several services with different settings in one process.
+The original gitfaas names (`GIT_PULL_BRANCH`, `POLLING_INTERVAL` in minutes, ...) are accepted
+as aliases so an existing deployment keeps working.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_BANNED_KINDS = (
+    "Role",
+    "RoleBinding",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "ServiceAccount",
+    "Secret",
+)
+EXECUTORS = ("kubernetes", "local", "dry-run")
+LOG_FORMATS = ("json", "console", "auto")
+
+
+class SettingsError(ValueError):
+    """A setting has a value we cannot use; the message names the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # Common
+    nats_url: str = "nats://127.0.0.1:4222"
+    nats_creds: str | None = None
+    nats_token: str | None = dataclasses.field(default=None, repr=False)
+    nats_user: str | None = None
+    nats_password: str | None = dataclasses.field(default=None, repr=False)
+    nats_tls_ca: str | None = None
+    log_level: str = "INFO"
+    log_format: str = "auto"
+    stream: str = "GITFAAS"
+    dead_stream: str = "GITFAAS_DEAD"
+    subject_prefix: str = "gitfaas"
+    durable: str = "gitfaas-consumer"
+    stream_max_age_seconds: float = 7 * 24 * 3600
+    duplicate_window_seconds: float = 120
+    request_ttl_seconds: float = 172800
+    # Bridge
+    bridge_host: str = "0.0.0.0"
+    bridge_port: int = 5000
+    bridge_token: str | None = dataclasses.field(default=None, repr=False)
+    max_payload_bytes: int = 65536
+    # Consumer
+    git_url: str = ""
+    git_branch: str = "main"
+    git_user_name: str | None = None
+    git_personal_token: str | None = dataclasses.field(default=None, repr=False)
+    git_ssh_key_file: str | None = None
+    git_poll_seconds: float = 60
+    git_cache_dir: str | None = None
+    config_path: str = "config.json"
+    kube_namespace: str = "default"
+    executor: str = "kubernetes"
+    max_concurrency: int = 32
+    max_deliver: int = 10
+    ack_wait_seconds: float = 30
+    banned_kinds: tuple[str, ...] = DEFAULT_BANNED_KINDS
+    allowed_namespaces: tuple[str, ...] = ()  # empty: only kube_namespace
+    consumer_host: str = "0.0.0.0"
+    consumer_http_port: int = 8080
+    bridge_url: str = "http://127.0.0.1:5000"
+    function_nats_url: str | None = None  # what functions are told (NATS_URL variable)
+    kubeconfig: str | None = None
+
+    @property
+    def topic_prefix(self) -> str:
+        return f"{self.subject_prefix}.topics."
+
+    @property
+    def namespaces_allowed(self) -> frozenset[str]:
+        return frozenset(self.allowed_namespaces or (self.kube_namespace,))
+
+    def replace(self, **changes: object) -> Settings:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read §8 of the contract; unknown variables are ignored, bad values named."""
+        env = os.environ if env is None else env
+        reader = _Reader(env)
+        poll = reader.number("GIT_POLL_SECONDS", None)
+        if poll is None:
+            minutes = reader.number("POLLING_INTERVAL", None)
+            poll = minutes * 60 if minutes is not None else cls.git_poll_seconds
+        executor = reader.text("EXECUTOR", cls.executor)
+        if executor not in EXECUTORS:
+            raise SettingsError(f"EXECUTOR must be one of {', '.join(EXECUTORS)}, not {executor!r}")
+        log_format = reader.text("LOG_FORMAT", cls.log_format).lower()
+        if log_format not in LOG_FORMATS:
+            raise SettingsError(f"LOG_FORMAT must be json or console, not {log_format!r}")
+        kube_namespace = reader.text("KUBE_NAMESPACE", "") or _own_namespace() or cls.kube_namespace
+        return cls(
+            nats_url=reader.text("NATS_URL", cls.nats_url),
+            nats_creds=reader.optional("NATS_CREDS"),
+            nats_token=reader.optional("NATS_TOKEN"),
+            nats_user=reader.optional("NATS_USER"),
+            nats_password=reader.optional("NATS_PASSWORD"),
+            nats_tls_ca=reader.optional("NATS_TLS_CA"),
+            log_level=reader.text("LOG_LEVEL", cls.log_level).upper(),
+            log_format=log_format,
+            stream=reader.text("GITFAAS_STREAM", cls.stream),
+            dead_stream=reader.text("GITFAAS_DEAD_STREAM", cls.dead_stream),
+            subject_prefix=reader.text("GITFAAS_SUBJECT_PREFIX", cls.subject_prefix).rstrip("."),
+            durable=reader.text("GITFAAS_DURABLE", cls.durable),
+            request_ttl_seconds=reader.number(
+                "REQUEST_TTL_SECONDS", reader.number("EXPIRATION_TIME", cls.request_ttl_seconds)
+            ),
+            bridge_host=reader.text("BRIDGE_HOST", cls.bridge_host),
+            bridge_port=reader.integer("BRIDGE_PORT", cls.bridge_port),
+            bridge_token=reader.optional("BRIDGE_TOKEN"),
+            max_payload_bytes=reader.integer("MAX_PAYLOAD_BYTES", cls.max_payload_bytes),
+            git_url=reader.text("GIT_URL", ""),
+            git_branch=reader.text("GIT_BRANCH", reader.text("GIT_PULL_BRANCH", cls.git_branch)),
+            git_user_name=reader.optional("GIT_USER_NAME"),
+            git_personal_token=reader.optional("GIT_PERSONAL_TOKEN"),
+            git_ssh_key_file=reader.optional("GIT_SSH_KEY_FILE"),
+            git_poll_seconds=poll,
+            git_cache_dir=reader.optional("GIT_CACHE_DIR"),
+            config_path=reader.text("CONFIG_PATH", reader.text("APPLY_CONFIG_PATH", cls.config_path)),
+            kube_namespace=kube_namespace,
+            executor=executor,
+            max_concurrency=reader.integer("MAX_CONCURRENCY", cls.max_concurrency),
+            max_deliver=reader.integer("MAX_DELIVER", cls.max_deliver),
+            banned_kinds=reader.words("BANNED_KINDS", reader.words("BANNED_KUBE_RESS", DEFAULT_BANNED_KINDS)),
+            allowed_namespaces=reader.words("ALLOWED_NAMESPACES", ()),
+            consumer_host=reader.text("CONSUMER_HOST", cls.consumer_host),
+            consumer_http_port=reader.integer("CONSUMER_HTTP_PORT", cls.consumer_http_port),
+            bridge_url=reader.text("BRIDGE_URL", cls.bridge_url),
+            function_nats_url=reader.optional("FUNCTION_NATS_URL"),
+            kubeconfig=reader.optional("KUBECONFIG"),
+        )
+
+
+def _own_namespace() -> str | None:
+    """Inside a pod, the service account's namespace is the natural default."""
+    path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Reader:
+    env: Mapping[str, str]
+
+    def optional(self, name: str) -> str | None:
+        value = self.env.get(name, "").strip()
+        return value or None
+
+    def text(self, name: str, default: str) -> str:
+        return self.optional(name) or default
+
+    def integer(self, name: str, default: int) -> int:
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SettingsError(f"{name} must be a whole number, not {raw!r}") from None
+        if value < 0:
+            raise SettingsError(f"{name} must not be negative, not {raw!r}")
+        return value
+
+    def number(self, name: str, default: float | None) -> float | None:  # type: ignore[override]
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SettingsError(f"{name} must be a number, not {raw!r}") from None
+        if value < 0:
+            raise SettingsError(f"{name} must not be negative, not {raw!r}")
+        return value
+
+    def words(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        raw = self.env.get(name)
+        if raw is None:
+            return default
+        return tuple(word for word in raw.replace(",", " ").split() if word)

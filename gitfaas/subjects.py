@@ -1,0 +1,116 @@
+"""Names on the wire: subjects, headers, buckets, and what a valid topic or parameter is.
+
+Both services and every function speak this vocabulary, so it lives in one place.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import quote, unquote
+
+# A topic is one or more NATS subject tokens; never a wildcard, a space or an empty token.
+TOPIC_PATTERN = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
+# Variable / parameter names as written in a manifest: `{{ body.file.name }}`, `{{ replicas }}`.
+PARAM_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+MAX_TOPIC_LENGTH = 200
+
+HEADER_REQUEST_ID = "Gitfaas-Request-Id"
+HEADER_PARENT = "Gitfaas-Parent"
+HEADER_PARAM_PREFIX = "Gitfaas-Param-"
+# Set by the bridge: parameter values are percent-encoded, because a NATS header value cannot
+# hold a line break. A function publishing by hand may omit it and send raw values.
+HEADER_PARAM_ENCODING = "Gitfaas-Params-Encoding"
+HEADER_CONTENT_TYPE = "Gitfaas-Content-Type"
+HEADER_PUBLISHED_AT = "Gitfaas-Published-At"
+HEADER_ERROR = "Gitfaas-Error"
+HEADER_MSG_ID = "Nats-Msg-Id"
+
+CONFIG_BUCKET = "gitfaas_config"
+CONFIG_KEY = "current"
+REQUESTS_BUCKET = "gitfaas_requests"
+
+# Names a parameter may not take: they are set by gitfaas itself (§4).
+BUILTIN_VARIABLES = frozenset(
+    {
+        "MESSAGE",
+        "PAYLOAD",
+        "REQUEST_UUID",
+        "REQUEST_ID",
+        "FUNCTION_UID",
+        "RANDOM",
+        "TOPIC",
+        "NATS_URL",
+        "BRIDGE_URL",
+    }
+)
+
+
+class InvalidName(ValueError):
+    """A topic or parameter name the contract does not allow; the message says why."""
+
+
+def check_topic(topic: str) -> str:
+    if not topic:
+        raise InvalidName("topic name is empty")
+    if len(topic) > MAX_TOPIC_LENGTH:
+        raise InvalidName(f"topic name is longer than {MAX_TOPIC_LENGTH} characters")
+    if not TOPIC_PATTERN.fullmatch(topic):
+        raise InvalidName(
+            f"topic name {topic!r} is not valid: use letters, digits, '_' and '-', with '.' between "
+            "tokens (no '*', '>', spaces or empty tokens)"
+        )
+    return topic
+
+
+def check_param_name(name: str) -> str:
+    if not PARAM_NAME_PATTERN.fullmatch(name):
+        raise InvalidName(
+            f"parameter name {name!r} is not valid: start with a letter or '_', then letters, digits, "
+            "'_', '.' or '-'"
+        )
+    if name in BUILTIN_VARIABLES:
+        raise InvalidName(f"parameter {name!r} would override the built-in variable of that name")
+    if name.startswith("body."):
+        raise InvalidName(f"parameter {name!r} would shadow a field of the JSON body")
+    return name
+
+
+class Subjects:
+    """Subjects derived from the configurable prefix (`GITFAAS_SUBJECT_PREFIX`)."""
+
+    def __init__(self, prefix: str = "gitfaas") -> None:
+        self.prefix = prefix
+        self.topics_prefix = f"{prefix}.topics."
+        self.topics_wildcard = f"{prefix}.topics.>"
+        self.dead_prefix = f"{prefix}.dead."
+        self.dead_wildcard = f"{prefix}.dead.>"
+        self.refresh = f"{prefix}.control.refresh"
+
+    def topic(self, topic: str) -> str:
+        return self.topics_prefix + topic
+
+    def dead(self, topic: str) -> str:
+        return self.dead_prefix + topic
+
+    def topic_of(self, subject: str) -> str | None:
+        if subject.startswith(self.topics_prefix):
+            return subject[len(self.topics_prefix) :]
+        return None
+
+
+def encode_param(value: str) -> str:
+    return quote(value, safe="")
+
+
+def decode_params(headers: dict[str, str] | None) -> dict[str, str]:
+    """Parameters a message carries, decoded as the bridge encoded them (or raw from a function)."""
+    if not headers:
+        return {}
+    encoded = headers.get(HEADER_PARAM_ENCODING, "").lower() == "percent"
+    cut = len(HEADER_PARAM_PREFIX)
+    params: dict[str, str] = {}
+    for key, value in headers.items():
+        if len(key) > cut and key[:cut].lower() == HEADER_PARAM_PREFIX.lower():
+            name = key[cut:]
+            params[name] = unquote(value) if encoded else value
+    return params

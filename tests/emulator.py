@@ -1,0 +1,489 @@
+"""
+A Kubernetes API emulator for tests: kmock's ``KubernetesEmulator`` plus the gaps that matter to us.
+
+Production code talks to it over real HTTP exactly as to a cluster (kubeconfig → kubernetes_asyncio →
+``DynamicClient``), so everything the client relies on must look like a real API server. kmock 0.8 lacks:
+
+* server-side apply (``PATCH`` with ``application/apply-patch+yaml``) creating absent objects;
+* ``kind: <Kind>List`` / ``apiVersion`` on lists (the dynamic client raises ``KeyError: 'kind'``);
+* ``labelSelector`` / ``fieldSelector`` on lists & watches;
+* server-populated metadata (uid, resourceVersion, creationTimestamp, generation, namespace);
+* a race-free watch start (kmock subscribes to its event bus only after replaying existing objects);
+* fault injection for robustness tests.
+
+Apply semantics are "one field manager owns everything": the applied manifest replaces the object's
+content (so removed labels disappear), while server-populated metadata and ``status`` are preserved.
+Re-applying an identical manifest is a no-op (no resourceVersion bump, no watch event), as in a cluster.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import datetime
+import json
+import re
+import secrets
+import uuid
+import warnings
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp.web
+import attrs
+import kmock
+import yaml
+from kubernetes_asyncio import client as k8s_client
+from kubernetes_asyncio import config as k8s_config
+from kubernetes_asyncio.dynamic import DynamicClient
+
+APPLY_CONTENT_TYPE = "application/apply-patch+yaml"
+TRUES = {"1", "t", "T", "true", "TRUE", "True"}
+SERVER_METADATA = ("uid", "creationTimestamp", "generation", "resourceVersion", "namespace", "name")
+REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 409: "Conflict",
+           410: "Expired", 422: "Invalid", 429: "TooManyRequests", 500: "InternalError",
+           503: "ServiceUnavailable", 504: "Timeout"}
+
+Requirement = tuple[str, str, frozenset[str]]  # (key, op ∈ {in, notin, exists, !}, values)
+_REQUIREMENT = re.compile(
+    r"\s*(?P<neg>!)?\s*(?P<key>[A-Za-z0-9_./-]+)\s*"
+    r"(?:(?P<op>==|=|!=)\s*(?P<val>[A-Za-z0-9_.-]*)|\s+(?P<setop>in|notin)\s*\((?P<vals>[^)]*)\))?\s*"
+)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _resource(api_version: str, plural: str) -> kmock.resource:
+    """kmock keys objects by ``kmock.resource(group, version, plural)``; core v1 has group ''."""
+    group, _, version = api_version.rpartition("/")
+    return kmock.resource(group, version, plural)
+
+
+def _bad_request(message: str) -> kmock.KubernetesError:
+    return kmock.KubernetesError(status=400, reason="BadRequest", message=message, details={})
+
+
+def parse_selector(expr: str | None) -> list[Requirement]:
+    """Parse a label/field selector (equality- and set-based) the way the API server reads it."""
+    reqs: list[Requirement] = []
+    for part in re.split(r",(?![^()]*\))", expr or ""):
+        if not part.strip():
+            continue
+        m = _REQUIREMENT.fullmatch(part)
+        if m is None or (m["neg"] and (m["op"] or m["setop"])):
+            raise _bad_request(f"unable to parse requirement: {part!r}")
+        if m["op"]:
+            reqs.append((m["key"], "notin" if m["op"] == "!=" else "in", frozenset([m["val"]])))
+        elif m["setop"]:
+            reqs.append((m["key"], m["setop"], frozenset(v.strip() for v in m["vals"].split(","))))
+        else:
+            reqs.append((m["key"], "!" if m["neg"] else "exists", frozenset()))
+    return reqs
+
+
+def _satisfied(reqs: list[Requirement], values: Mapping[str, str]) -> bool:
+    for key, op, vals in reqs:
+        value = values.get(key)
+        ok = {"in": value in vals, "notin": value not in vals,
+              "exists": key in values, "!": key not in values}[op]
+        if not ok:
+            return False
+    return True
+
+
+def _field_values(obj: Mapping[str, Any], reqs: list[Requirement]) -> dict[str, str]:
+    """Field selectors address dotted paths (``metadata.name``); only scalars are comparable."""
+    values: dict[str, str] = {}
+    for key, _, _ in reqs:
+        node: Any = obj
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if node is not None and not isinstance(node, Mapping | list):
+            values[key] = str(node).lower() if isinstance(node, bool) else str(node)
+    return values
+
+
+@dataclass
+class Selector:
+    """Label + field selectors of one list/watch request."""
+
+    labels: list[Requirement]
+    fields: list[Requirement]
+
+    @classmethod
+    def from_request(cls, request: kmock.Request) -> Selector:
+        return cls(parse_selector(request.params.get("labelSelector")),
+                   parse_selector(request.params.get("fieldSelector")))
+
+    def __call__(self, obj: Mapping[str, Any]) -> bool:
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        return _satisfied(self.labels, labels) and _satisfied(self.fields, _field_values(obj, self.fields))
+
+
+@dataclass
+class Fault:
+    """An injected failure: the next ``count`` matching requests (None: until removed) get ``status``."""
+
+    status: int
+    count: int | None = 1
+    reason: str | None = None
+    message: str | None = None
+    method: str | None = "PATCH"  # None: any method
+    plural: str | None = None  # None: any resource (discovery requests are never failed)
+    retry_after: int | None = None
+    hits: int = 0
+
+    def matches(self, request: kmock.Request) -> bool:
+        resource = request.resource
+        return bool(
+            resource is not None and resource.plural is not None
+            and (self.method is None or str(request.method.value).upper() == self.method.upper())
+            and (self.plural is None or resource.plural == self.plural)
+        )
+
+    def render(self) -> aiohttp.web.Response:
+        reason = self.reason or REASONS.get(self.status, "InternalError")
+        body = {"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+                "code": self.status, "reason": reason, "details": {},
+                "message": self.message or f"injected fault: {reason}"}
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
+        return aiohttp.web.json_response(body, status=self.status, headers=headers)
+
+
+@attrs.define(kw_only=True)
+class Emulator(kmock.KubernetesEmulator):
+    """kmock's emulator with SSA, typed lists, selectors, server metadata, and fault injection."""
+
+    faults: list[Fault] = attrs.field(factory=list)
+    require_field_manager: bool = True  # a real API server rejects apply without ?fieldManager= (422)
+    _rv: int = attrs.field(default=0, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        with warnings.catch_warnings():  # kmock 0.8 uses the deprecated importlib.resources.read_binary
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.resources.load_bundled()  # discovery of built-in kinds (batch/v1 Job, v1 ConfigMap, …)
+
+    # --- fault injection -------------------------------------------------------------------------------
+    def fail_next(self, status: int, count: int | None = 1, *, reason: str | None = None,
+                  message: str | None = None, method: str | None = "PATCH", plural: str | None = None,
+                  retry_after: int | None = None) -> Fault:
+        """Make the next ``count`` matching requests (None: all, until removed) answer ``status``."""
+        fault = Fault(status, count, reason, message, method, plural, retry_after)
+        self.faults.append(fault)
+        return fault
+
+    @contextlib.contextmanager
+    def failing(self, status: int, **kwargs: Any) -> Iterator[Fault]:
+        """Fail matching requests while inside the ``with`` block (the "flag is set" mode)."""
+        fault = self.fail_next(status, None, **kwargs)
+        try:
+            yield fault
+        finally:
+            with contextlib.suppress(ValueError):
+                self.faults.remove(fault)
+
+    def _take_fault(self, request: kmock.Request) -> Fault | None:
+        for fault in self.faults:
+            if fault.matches(request):
+                fault.hits += 1
+                if fault.count is not None:
+                    fault.count -= 1
+                    if fault.count <= 0:
+                        self.faults.remove(fault)
+                return fault
+        return None
+
+    # --- request handling ------------------------------------------------------------------------------
+    def _next_rv(self) -> str:
+        self._rv += 1
+        return str(self._rv)
+
+    def _kind(self, resource: kmock.resource) -> str:
+        # NB: `self.resources[res]` would auto-create (and advertise) an empty entry; check first.
+        kind = self.resources[resource].kind if resource in self.resources else None
+        return kind or str(resource.plural).capitalize()
+
+    @staticmethod
+    def _is_apply(request: kmock.Request) -> bool:
+        ctype = next((v for k, v in request.headers.items() if k.lower() == "content-type"), "")
+        return ctype.split(";")[0].strip().lower() == APPLY_CONTENT_TYPE
+
+    def _stamp_new(self, request: kmock.Request, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Fill what a real API server fills on creation (into a copy of the body)."""
+        obj = copy.deepcopy(dict(body))
+        meta = obj.setdefault("metadata", {})
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = meta["generateName"] + secrets.token_hex(3)[:5]
+        if request.namespace is not None:
+            meta["namespace"] = request.namespace
+        meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1,
+                    resourceVersion=self._next_rv())
+        return obj
+
+    async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        if (fault := self._take_fault(request)) is not None:
+            return fault.render()
+        # kmock recognises only `watch=true`; kubernetes_asyncio sends `watch=True` (Go's ParseBool: both).
+        if request.resource is not None and request.method == "GET" and request.params.get("watch") in TRUES:
+            object.__setattr__(request, "action", kmock.action.WATCH)  # frozen; fixed for the record too
+        if request.resource is not None and request.action == kmock.action.CREATE and isinstance(
+                request.data, Mapping):
+            # kmock stores request.data as the object. NB: kmock's filters match only the recorded request
+            # objects (by id), so it is amended in place rather than replaced with an evolved copy.
+            object.__setattr__(request, "data", self._stamp_new(request, request.data))
+        if request.resource is not None and request.action == kmock.action.UPDATE and request.name:
+            if self._is_apply(request):
+                await self._apply(request)
+            elif isinstance(request.data, Mapping):
+                await self._merge(request)
+            else:
+                return await super()._handle(request)  # e.g. JSON patches: kmock's own (limited) logic
+            # The state is changed; serve the response (fallback: the object) skipping kmock's mutation.
+            return await kmock.RawHandler._handle(self, request)
+        return await super()._handle(request)
+
+    async def _merge(self, request: kmock.Request) -> None:
+        """Merge/strategic-merge patches: kmock's merge, plus resourceVersion & generation bumps."""
+        assert request.resource is not None and request.name is not None
+        key = (request.resource, request.namespace, request.name)
+        async with self._lock:
+            if key not in self.objects or self.objects[key].deleted:
+                raise kmock.KubernetesObjectNotFoundError()
+            obj = self.objects[key]
+            old_spec = obj.raw.get("spec")  # not mutated by patch(): it makes a new version from a copy
+            obj.patch(request.data)
+            meta = dict(obj.raw.get("metadata") or {}, resourceVersion=self._next_rv())
+            if obj.raw.get("spec") != old_spec:
+                meta["generation"] = int(meta.get("generation", 1)) + 1
+            obj.last["metadata"] = meta
+            await self._buses[request.resource].put({"type": "MODIFIED", "object": obj.raw})
+
+    def _apply_body(self, request: kmock.Request) -> dict[str, Any]:
+        body = request.data
+        if not isinstance(body, Mapping):  # a real YAML body (the client sends JSON, which kmock parses)
+            try:
+                body = yaml.safe_load(request.text)
+            except yaml.YAMLError as e:
+                raise _bad_request(f"error decoding YAML: {e}") from e
+            object.__setattr__(request, "data", body)  # so that `emulator.requests[i].data` is the dict
+        if not isinstance(body, Mapping):
+            raise _bad_request("the apply body must be an object")
+        if self.require_field_manager and not request.params.get("fieldManager"):
+            raise kmock.KubernetesError(status=422, reason="Invalid", details={},
+                                        message="fieldManager: Required value: is required for apply patch")
+        if not body.get("apiVersion") or not body.get("kind"):
+            raise _bad_request("invalid object: apiVersion and kind are required for apply patch")
+        name = (body.get("metadata") or {}).get("name")
+        if name and name != request.name:
+            raise _bad_request(f"the name of the object ({name}) does not match the name on the URL")
+        return copy.deepcopy(dict(body))
+
+    async def _apply(self, request: kmock.Request) -> None:
+        """Server-side apply: create if absent, else replace the content keeping server-owned fields."""
+        assert request.resource is not None and request.name is not None
+        body = self._apply_body(request)
+        key = (request.resource, request.namespace, request.name)
+        async with self._lock:
+            obj = self.objects[key] if key in self.objects else None
+            alive = obj is not None and not obj.deleted
+            if request.subresource:  # e.g. /status: only that part of the object changes
+                if obj is None or not alive:
+                    raise kmock.KubernetesObjectNotFoundError()
+                new = copy.deepcopy(obj.raw)
+                new[request.subresource] = body.get(request.subresource, {})
+            elif obj is None or not alive:
+                new = self._stamp_new(request, body)
+                new["metadata"]["name"] = request.name
+            else:
+                old, new = obj.raw, body
+                new_meta = new.setdefault("metadata", {})
+                new_meta.update({k: v for k, v in old["metadata"].items() if k in SERVER_METADATA})
+                if "status" in old and "status" not in new:
+                    new["status"] = copy.deepcopy(old["status"])
+                if new.get("spec") != old.get("spec"):
+                    new_meta["generation"] = int(new_meta.get("generation", 1)) + 1
+            if obj is not None and alive:
+                if new == obj.raw:
+                    return  # no-op apply: no new resourceVersion, no watch event
+                new["metadata"]["resourceVersion"] = self._next_rv()
+            if obj is None:
+                self.objects[key] = new
+            else:
+                obj.history.append(new)
+            event = "MODIFIED" if alive else "ADDED"
+            await self._buses[request.resource].put({"type": event, "object": self.objects[key].raw})
+
+    def _select(self, request: kmock.Request, selector: Selector) -> list[dict[str, Any]]:
+        return [
+            obj.raw for (resource, namespace, name), obj in self.objects.items()
+            if resource == request.resource and not obj.deleted and request.name in (None, name)
+            and (request.namespace is None or namespace == request.namespace) and selector(obj.raw)
+        ]
+
+    async def _serve_list(self, request: kmock.Request) -> kmock.Payload:
+        assert request.resource is not None
+        if request.resource not in self._get_resources():
+            raise kmock.KubernetesResourceNotFoundError()
+        selector = Selector.from_request(request)
+        async with self._lock:
+            items = self._select(request, selector)
+        return {
+            "apiVersion": _api_version(request.resource),
+            "kind": f"{self._kind(request.resource)}List",
+            "metadata": {"resourceVersion": str(self._rv)},
+            "items": items,
+        }
+
+    async def _serve_watch(self, request: kmock.Request) -> AsyncIterator[kmock.Payload]:
+        """
+        Replay matching objects as ADDED, then stream changes, honouring selectors & ``timeoutSeconds``.
+
+        The bus is subscribed under the lock *before* the headers are sent, so any change made after
+        the client sees the response is streamed (kmock subscribes late and can lose events). Objects
+        entering/leaving the selection (e.g. relabelled) arrive as ADDED/DELETED, as from a real server.
+        """
+        assert request.resource is not None
+        selector = Selector.from_request(request)  # raises 400 before the stream starts
+        timeout = request.params.get("timeoutSeconds")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + float(timeout) if timeout else None
+        bus = self._buses[request.resource]
+        async with self._lock:
+            marker = await bus.mark()
+            initial = self._select(request, selector)
+        try:
+            yield b""  # send the headers now: the client is "connected" only once subscribed
+            seen: set[tuple[str | None, str]] = set()
+            for obj in initial:
+                seen.add((obj["metadata"].get("namespace"), obj["metadata"]["name"]))
+                yield {"type": "ADDED", "object": obj}
+            stream = aiter(bus.stream(since=marker))
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        event = await anext(stream)
+                except TimeoutError:
+                    return
+                obj = event["object"]
+                meta = obj.get("metadata") or {}
+                if request.namespace not in (None, meta.get("namespace")):
+                    continue
+                if request.name not in (None, meta.get("name")):
+                    continue
+                key, matches = (meta.get("namespace"), meta.get("name")), selector(obj)
+                if event["type"] == "DELETED" or not matches:
+                    if key in seen:
+                        seen.discard(key)
+                        yield {"type": "DELETED", "object": obj}
+                else:
+                    yield {"type": "MODIFIED" if key in seen else "ADDED", "object": obj}
+                    seen.add(key)
+        finally:
+            with contextlib.suppress(ValueError):
+                await bus.unmark(marker)
+
+    # --- direct state manipulation (for tests playing the role of controllers) -------------------------
+    async def set_status(self, api_version: str, plural: str, namespace: str | None, name: str,
+                         status: Mapping[str, Any]) -> dict[str, Any]:
+        """Merge ``status`` into an object as a controller would, with a MODIFIED watch event."""
+        resource = _resource(api_version, plural)
+        key = (resource, namespace, name)
+        async with self._lock:
+            if key not in self.objects or self.objects[key].deleted:
+                raise LookupError(f"no {plural} {namespace}/{name} in the emulator")
+            obj = self.objects[key]
+            obj.patch({"status": dict(status), "metadata": {"resourceVersion": self._next_rv()}})
+            await self._buses[resource].put({"type": "MODIFIED", "object": obj.raw})
+            return copy.deepcopy(obj.raw)
+
+
+def _api_version(resource: kmock.resource) -> str:
+    return f"{resource.group}/{resource.version}" if resource.group else str(resource.version)
+
+
+def job_status(condition: str | None = "Complete", *, reason: str | None = None, message: str | None = None,
+               **fields: Any) -> dict[str, Any]:
+    """A Job status as the Job controller (k8s ≥1.31) writes it: a *Target/*Met condition first."""
+    now = _now()
+    status: dict[str, Any] = {"startTime": now, **fields}
+    if condition is None:
+        return status
+    preceding = {"Complete": ("SuccessCriteriaMet", "CompletionsReached"),
+                 "Failed": ("FailureTarget", "BackoffLimitExceeded")}.get(condition)
+    reason = reason or (preceding[1] if preceding else condition)
+    conditions = [{"type": t, "status": "True", "reason": reason, "message": message or reason,
+                   "lastProbeTime": now, "lastTransitionTime": now}
+                  for t in ([preceding[0]] if preceding else []) + [condition]]
+    status["conditions"] = conditions
+    if condition == "Complete":
+        status.setdefault("succeeded", 1)
+        status.setdefault("completionTime", now)
+    elif condition == "Failed":
+        status.setdefault("failed", 1)
+    return status
+
+
+@dataclass
+class EmulatorHandle:
+    """A running emulator with its URL and kubeconfig; the helpers hide kmock's key types."""
+
+    emulator: Emulator
+    url: str
+    kubeconfig: Path
+    discovery_cache: Path  # pass as DynamicClient(cache_file=...) to avoid stale per-host caches
+
+    def objects(self, api_version: str, kind_plural: str,
+                namespace: str | None = None) -> list[dict[str, Any]]:
+        """Current (non-deleted) objects, as deep copies, e.g. ``objects("batch/v1", "jobs")``."""
+        resource = _resource(api_version, kind_plural)
+        return [
+            copy.deepcopy(obj.raw) for (res, ns, _), obj in self.emulator.objects.items()
+            if res == resource and not obj.deleted and (namespace is None or ns == namespace)
+        ]
+
+    def jobs(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        return self.objects("batch/v1", "jobs", namespace)
+
+    async def set_job_status(self, name: str, namespace: str = "default", *,
+                             condition: str | None = "Complete", reason: str | None = None,
+                             message: str | None = None, **fields: Any) -> dict[str, Any]:
+        """Act as the Job controller: set ``status`` (conditions etc.), emitting a MODIFIED event."""
+        status = job_status(condition, reason=reason, message=message, **fields)
+        return await self.emulator.set_status("batch/v1", "jobs", namespace, name, status)
+
+    @contextlib.asynccontextmanager
+    async def api_client(self) -> AsyncIterator[k8s_client.ApiClient]:
+        """An ApiClient built from the kubeconfig, without touching the global default configuration."""
+        configuration = k8s_client.Configuration()
+        await k8s_config.load_kube_config(config_file=str(self.kubeconfig),
+                                          client_configuration=configuration)
+        async with k8s_client.ApiClient(configuration) as api:
+            yield api
+
+    @contextlib.asynccontextmanager
+    async def dynamic_client(self) -> AsyncIterator[DynamicClient]:
+        async with self.api_client() as api:
+            yield await DynamicClient(api, cache_file=str(self.discovery_cache))
+
+
+@contextlib.asynccontextmanager
+async def running_emulator(tmp_path: Path) -> AsyncIterator[EmulatorHandle]:
+    """Starts Emulator + kmock.Server on 127.0.0.1 (free port), writes a kubeconfig file for it."""
+    async with Emulator() as emulator, kmock.Server(emulator) as server:
+        url = f"http://{server.host}:{server.port}"
+        stem = f"emulator-{server.port}-{uuid.uuid4().hex[:8]}"  # unique even when ports get reused
+        kubeconfig = tmp_path / f"{stem}.kubeconfig"
+        kubeconfig.write_text(json.dumps({  # JSON is YAML
+            "apiVersion": "v1", "kind": "Config", "preferences": {},
+            "clusters": [{"name": "kmock", "cluster": {"server": url}}],
+            "users": [{"name": "kmock", "user": {}}],
+            "contexts": [{"name": "kmock",
+                          "context": {"cluster": "kmock", "user": "kmock", "namespace": "default"}}],
+            "current-context": "kmock",
+        }, indent=2))
+        yield EmulatorHandle(emulator, url, kubeconfig, tmp_path / f"{stem}.discovery.json")
