@@ -30,7 +30,7 @@ class SettingsError(ValueError):
     """A setting has a value we cannot use; the message names the variable."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: `cls.field` must read the default in from_env
 class Settings:
     # Common
     nats_url: str = "nats://127.0.0.1:4222"
