@@ -27,7 +27,9 @@ from prometheus_client import Counter, Histogram
 from gitfaas import natsconn
 from gitfaas.logs import get_logger
 from gitfaas.metrics import json_error, metrics_view
+from gitfaas.replay import ReplayError, replay_request
 from gitfaas.settings import Settings
+from gitfaas.status import StatusStore
 from gitfaas.subjects import (
     CONFIG_KEY,
     HEADER_CONTENT_TYPE,
@@ -86,6 +88,7 @@ class Bridge:
         self.config_state: dict[str, Any] | None = None
         self._topics: frozenset[str] = frozenset()
         self._config_kv: KeyValue | None = None
+        self.status: StatusStore | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._token = (settings.bridge_token or "").encode()
 
@@ -94,7 +97,8 @@ class Bridge:
     async def start(self) -> None:
         self.nc = await natsconn.connect(self.settings, "gitfaas-bridge", reconnected_cb=self._on_reconnected)
         self.js = self.nc.jetstream(timeout=PUBLISH_TIMEOUT_SECONDS)
-        self._config_kv, _requests = await natsconn.ensure_all(self.js, self.settings)
+        self._config_kv, requests_kv = await natsconn.ensure_all(self.js, self.settings)
+        self.status = StatusStore(requests_kv)
         self._start_watch()
 
     async def stop(self) -> None:
@@ -124,7 +128,7 @@ class Bridge:
                         self._set_state(json.loads(entry.value))
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 — keep the last state, watch again shortly
                 log.warning("configuration watch failed, retrying", error=str(exc) or type(exc).__name__)
                 await asyncio.sleep(1.0)
 
@@ -140,6 +144,8 @@ class Bridge:
             middlewares=[self._errors_middleware, self._auth_middleware],
         )
         app.router.add_post("/publish/{topic}", self.publish)
+        app.router.add_get("/requests/{request_id}", self.request_status)
+        app.router.add_post("/requests/{request_id}/replay", self.replay)
         app.router.add_get("/topics", self.topics)
         app.router.add_route("GET", "/refresh", self.refresh)
         app.router.add_route("POST", "/refresh", self.refresh)
@@ -253,6 +259,30 @@ class Bridge:
         except NATS_UNAVAILABLE:
             return None
         return (original.headers or {}).get(HEADER_REQUEST_ID)
+
+    async def request_status(self, request: web.Request) -> web.Response:
+        request_id = request.match_info["request_id"]
+        if self.status is None or self.nc is None or not self.nc.is_connected:
+            return json_error(503, "NATS is unavailable")
+        try:
+            document = await self.status.get(request_id)
+        except NATS_UNAVAILABLE:
+            return json_error(503, "the status store is unavailable")
+        if document is None:
+            return json_error(404, f"request {request_id} is unknown or its status has expired")
+        return web.json_response(document)
+
+    async def replay(self, request: web.Request) -> web.Response:
+        request_id = request.match_info["request_id"]
+        if self.status is None or self.js is None or self.nc is None or not self.nc.is_connected:
+            return json_error(503, "NATS is unavailable")
+        try:
+            republished = await replay_request(self.js, self.status, self.settings, request_id)
+        except ReplayError as exc:
+            return json_error(404, str(exc))
+        except NATS_UNAVAILABLE as exc:
+            return json_error(503, f"JetStream did not store the replay: {type(exc).__name__}")
+        return web.json_response({**republished.as_dict(), "duplicate": False}, status=202)
 
     async def topics(self, _request: web.Request) -> web.Response:
         if self.config_state is None:

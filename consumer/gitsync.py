@@ -58,10 +58,8 @@ class GitSync:
         """The source as it may appear in logs and `/topics`: no credentials."""
         if _is_url(self.source):
             parts = urlsplit(self.source)
-            if parts.username or parts.password:
-                host = parts.hostname or ""
-                if parts.port:
-                    host = f"{host}:{parts.port}"
+            if "@" in parts.netloc:
+                host = parts.netloc.rsplit("@", 1)[1]  # keeps [IPv6] brackets and the port
                 return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
         return self.source
 
@@ -95,9 +93,8 @@ class GitSync:
         parts = urlsplit(self.source)
         if parts.scheme in ("http", "https") and self._token:
             user = quote(self._user or "gitfaas", safe="")
-            netloc = f"{user}:{quote(self._token, safe='')}@{parts.hostname}"
-            if parts.port:
-                netloc += f":{parts.port}"
+            host = parts.netloc.rsplit("@", 1)[-1]
+            netloc = f"{user}:{quote(self._token, safe='')}@{host}"
             return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
         return self.source
 
@@ -143,9 +140,10 @@ def content_hash(root: Path) -> str:
         dirnames[:] = sorted(d for d in dirnames if d not in (".git", ".gitfaas", "__pycache__"))
         for name in sorted(filenames):
             path = Path(directory, name)
-            if path.is_symlink() or not path.is_file():
-                continue
             digest.update(str(path.relative_to(root)).encode() + b"\0")
-            digest.update(path.read_bytes())
-            digest.update(b"\0")
+            if path.is_symlink():  # retargeting a link is a change, whatever it points to
+                digest.update(b"link:" + os.readlink(path).encode() + b"\0")
+            elif path.is_file():
+                digest.update(path.read_bytes())
+                digest.update(b"\0")
     return "dir-" + digest.hexdigest()[:16]

@@ -50,6 +50,7 @@ class Stamp:
     request_id: str
     stream_seq: int
     commit: str
+    identity: str  # see `variables.random_token`
 
     def labels(self) -> dict[str, str]:
         return {
@@ -89,7 +90,7 @@ def prepare(
         generate = metadata.pop("generateName", None)
         if not isinstance(generate, str) or not generate:
             raise PolicyError(f"{kind}: rendered document has no metadata.name or generateName")
-        metadata["name"] = generate + random_token(stamp.request_id, ordinal, length=5)
+        metadata["name"] = generate + random_token(stamp.identity, ordinal, length=5)
     else:
         metadata.pop("generateName", None)
     own_namespace = metadata.get("namespace") or namespace
@@ -101,8 +102,9 @@ def prepare(
     metadata["namespace"] = own_namespace
     _merge(metadata, "labels", stamp.labels())
     _merge(metadata, "annotations", stamp.annotations())
-    if kind == "Job":
-        template = document.get("spec", {}).get("template")
+    spec = document.get("spec")
+    if kind == "Job" and isinstance(spec, dict):
+        template = spec.get("template")
         if isinstance(template, dict):
             pod_meta = template.setdefault("metadata", {})
             if isinstance(pod_meta, dict):

@@ -75,7 +75,7 @@ class ContinuousPull:
         if self._sub is not None:
             try:
                 await self._sub.unsubscribe()
-            except Exception:
+            except Exception:  # noqa: BLE001 — the connection may already be closed
                 pass
         left: list[Msg] = []
         while not self._queue.empty():
@@ -97,7 +97,7 @@ class ContinuousPull:
         self._requested += want
         try:
             await self._nc.publish(self._api_subject, json.dumps(request).encode(), reply=self._inbox)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 — the watchdog asks again once connected
             self._requested -= want
             log.warning("pull request not sent", error=str(exc) or type(exc).__name__)
 

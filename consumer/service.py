@@ -28,14 +28,16 @@ from consumer.gitsync import GitSync, GitSyncError
 from consumer.prepare import PolicyError, Stamp, prepare
 from consumer.pull import ContinuousPull
 from consumer.render import MissingVariablesError, RenderError
-from consumer.variables import MessageValues
+from consumer.variables import MessageValues, function_uid
 from gitfaas import natsconn
 from gitfaas.logs import get_logger
 from gitfaas.metrics import metrics_view
 from gitfaas.settings import Settings
+from gitfaas.status import StatusStore, new_status
 from gitfaas.subjects import (
     CONFIG_KEY,
     HEADER_ERROR,
+    HEADER_PARENT,
     HEADER_REQUEST_ID,
     Subjects,
     decode_params,
@@ -52,6 +54,12 @@ def nak_delay(delivered: int) -> float:
     return min(MAX_NAK_DELAY_SECONDS, 2.0 ** max(0, delivered - 1))
 
 
+def identity_of(msg: Msg, request_id: str) -> str:
+    """What makes this stored message unique and stays the same on its redeliveries."""
+    meta = msg.metadata
+    return f"{request_id}|{meta.sequence.stream}|{meta.timestamp.isoformat() if meta.timestamp else ''}"
+
+
 class Consumer:
     def __init__(self, settings: Settings, executor: Executor | None = None) -> None:
         self.settings = settings
@@ -63,6 +71,7 @@ class Consumer:
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
         self._config_kv: KeyValue | None = None
+        self.status: StatusStore | None = None
         self._pull: ContinuousPull | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[Any]] = []
@@ -80,7 +89,8 @@ class Consumer:
             s, "gitfaas-consumer", reconnected_cb=self._on_reconnected, disconnected_cb=self._on_disconnected
         )
         self.js = self.nc.jetstream()
-        self._config_kv, _requests = await natsconn.ensure_all(self.js, s)
+        self._config_kv, requests_kv = await natsconn.ensure_all(self.js, s)
+        self.status = StatusStore(requests_kv)
         await self.executor.start()
         await self.refresh()
         await self.nc.subscribe(self.subjects.refresh, cb=self._on_refresh_request)
@@ -169,7 +179,7 @@ class Consumer:
             return
         try:
             await self._config_kv.put(CONFIG_KEY, json.dumps(state).encode())
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 — the bridge shows stale topics until the next refresh
             log.warning("could not publish configuration state", error=str(exc) or type(exc).__name__)
 
     async def _on_refresh_request(self, msg: Msg) -> None:
@@ -218,32 +228,76 @@ class Consumer:
             await msg.nak(delay=NO_CONFIG_RETRY_SECONDS)
             return
         started = time.perf_counter()
+        heartbeat = asyncio.create_task(self._keep_alive(msg))
         try:
             applied = await self._process(msg, config, topic, request_id, seq)
         except PermanentError as exc:
-            await self._give_up(msg, topic, str(exc))
+            await self._give_up(msg, topic, request_id, str(exc))
         except TransientError as exc:
             if meta.num_delivered >= self.settings.max_deliver:
-                await self._give_up(msg, topic, f"{exc} (after {meta.num_delivered} deliveries)")
+                await self._give_up(msg, topic, request_id, f"{exc} (after {meta.num_delivered} deliveries)")
             else:
                 delay = nak_delay(meta.num_delivered)
                 log.warning("transient failure, will retry", error=str(exc), attempt=meta.num_delivered,
                             retry_in_s=delay)
                 metrics.MESSAGES.labels(topic, "retried").inc()
                 await msg.nak(delay=delay)
+        except asyncio.CancelledError:
+            # Shutdown overtook this message: hand it back now rather than after ack_wait.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(msg.nak())
+            raise
         except Exception as exc:  # a bug: keep the message, say loudly what happened
             log.exception("unexpected error while handling message")
             if meta.num_delivered >= self.settings.max_deliver:
-                await self._give_up(msg, topic, f"internal error: {type(exc).__name__}: {exc}")
+                await self._give_up(msg, topic, request_id, f"internal error: {type(exc).__name__}: {exc}")
             else:
                 await msg.nak(delay=nak_delay(meta.num_delivered))
         else:
+            await self._record(request_id, topic, msg, state="applied", commit=config.commit, applied=applied)
             await msg.ack()
             self.handled += 1
             metrics.MESSAGES.labels(topic, "applied").inc()
             metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
             log.info("applied", commit=config.commit, objects=[a.as_dict() for a in applied],
                      duration_ms=round((time.perf_counter() - started) * 1000, 1))
+        finally:
+            heartbeat.cancel()
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        """Tell JetStream we are still on it, so a slow apply is not redelivered to someone else."""
+        interval = max(0.5, self.settings.ack_wait_seconds / 3)
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+    async def _record(self, request_id: str, topic: str, msg: Msg, *, state: str, commit: str | None = None,
+                      applied: list[Applied] | None = None, error: str | None = None) -> None:
+        """Write the request's status document; a failure here never loses the message."""
+        if self.status is None:
+            return
+        meta = msg.metadata
+        parent = (msg.headers or {}).get(HEADER_PARENT)
+
+        def change(document: dict[str, Any]) -> None:
+            document["state"] = state
+            document["attempts"] = meta.num_delivered
+            document["error"] = error
+            if commit is not None:
+                document["commit"] = commit
+            if applied is not None:
+                document["documents"] = [
+                    {**a.as_dict(), "function_uid": a.function_uid, "state": state, "reason": None}
+                    for a in applied
+                ]
+
+        try:
+            await self.status.update(
+                request_id, change, create=lambda: new_status(request_id, topic, meta.sequence.stream, parent)
+            )
+        except Exception as exc:  # noqa: BLE001 — status is a report; the objects are what matter
+            log.warning("status not recorded", error=str(exc) or type(exc).__name__)
 
     async def _process(
         self, msg: Msg, config: Configuration, topic_name: str, request_id: str, seq: int
@@ -254,22 +308,29 @@ class Consumer:
         documents = self.render(msg, config, topic_name, request_id, seq)
         limit = self._topic_limit(topic_name, topic.max_concurrency)
         async with limit:
-            return [await self.executor.apply(document) for document in documents]
+            applied = []
+            for ordinal, document in enumerate(documents):
+                result = await self.executor.apply(document)
+                applied.append(result.with_function_uid(function_uid(identity_of(msg, request_id), ordinal)))
+            return applied
 
     def render(
         self, msg: Msg, config: Configuration, topic_name: str, request_id: str, seq: int
     ) -> list[dict[str, Any]]:
         """Every document of the message, rendered and stamped — or nothing at all."""
         topic = config.topics[topic_name]
+        identity = identity_of(msg, request_id)
         values = MessageValues(
             request_id=request_id,
+            identity=identity,
             topic=topic_name,
             body=msg.data or b"",
             params=decode_params(msg.headers),
             nats_url=self.settings.function_nats_url or self.settings.nats_url,
             bridge_url=self.settings.bridge_url,
         )
-        stamp = Stamp(topic=topic_name, request_id=request_id, stream_seq=seq, commit=config.commit)
+        stamp = Stamp(topic=topic_name, request_id=request_id, stream_seq=seq, commit=config.commit,
+                      identity=identity)
         namespace = topic.namespace or self.settings.kube_namespace
         resolved: list[dict[str, str]] = []
         missing: set[str] = set()
@@ -297,11 +358,12 @@ class Consumer:
             semaphore = self._topic_limits[topic] = asyncio.Semaphore(limit)
         return semaphore
 
-    async def _give_up(self, msg: Msg, topic: str, reason: str) -> None:
+    async def _give_up(self, msg: Msg, topic: str, request_id: str, reason: str) -> None:
         """Dead-letter the message with its reason, then stop JetStream redelivering it."""
         log.error("message given up on", error=reason)
         assert self.js is not None
         headers = dict(msg.headers or {})
+        headers[HEADER_REQUEST_ID] = request_id
         headers[HEADER_ERROR] = " ".join(reason.split())[:1000]
         headers["Gitfaas-Stream-Seq"] = str(msg.metadata.sequence.stream)
         headers["Gitfaas-Attempts"] = str(msg.metadata.num_delivered)
@@ -309,10 +371,11 @@ class Consumer:
         try:
             await self.js.publish(self.subjects.dead(topic), msg.data or b"", headers=headers,
                                   stream=self.settings.dead_stream)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 — without a dead letter, keep the message
             log.error("dead letter not stored, message kept for redelivery", error=str(exc) or type(exc).__name__)
             await msg.nak(delay=MAX_NAK_DELAY_SECONDS)
             return
+        await self._record(request_id, topic, msg, state="dead", error=reason)
         await msg.term()
         self.handled += 1
         metrics.DEAD_LETTERS.labels(topic).inc()

@@ -21,9 +21,14 @@ _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 PER_DOCUMENT = frozenset({"RANDOM", "FUNCTION_UID"})
 
 
-def random_token(request_id: str, ordinal: int, length: int = 10) -> str:
-    """`RANDOM`: looks random, but is the same on every redelivery of the same request."""
-    number = int.from_bytes(hashlib.sha256(f"{request_id}\0{ordinal}".encode()).digest()[:12], "big")
+def random_token(identity: str, ordinal: int, length: int = 10) -> str:
+    """`RANDOM`: looks random, but is the same on every redelivery of the same stored message.
+
+    `identity` names the stored message (request id, stream sequence, store time): a redelivery
+    has the same, a replay or a stream recreated from scratch does not, so names never collide
+    with objects of an earlier, different message.
+    """
+    number = int.from_bytes(hashlib.sha256(f"{identity}\0{ordinal}".encode()).digest()[:12], "big")
     chars = []
     for _ in range(length):
         number, digit = divmod(number, 36)
@@ -31,8 +36,8 @@ def random_token(request_id: str, ordinal: int, length: int = 10) -> str:
     return "".join(chars)
 
 
-def function_uid(request_id: str, ordinal: int) -> str:
-    return str(uuid.uuid5(_FUNCTION_UID_NAMESPACE, f"{request_id}/{ordinal}"))
+def function_uid(identity: str, ordinal: int) -> str:
+    return str(uuid.uuid5(_FUNCTION_UID_NAMESPACE, f"{identity}/{ordinal}"))
 
 
 @dataclass(slots=True)
@@ -42,6 +47,7 @@ class MessageValues:
     request_id: str
     topic: str
     body: bytes
+    identity: str
     params: dict[str, str]
     nats_url: str
     bridge_url: str
@@ -75,9 +81,9 @@ class MessageValues:
         if name in ("REQUEST_UUID", "REQUEST_ID"):
             return self.request_id
         if name == "RANDOM":
-            return random_token(self.request_id, ordinal)
+            return random_token(self.identity, ordinal)
         if name == "FUNCTION_UID":
-            return function_uid(self.request_id, ordinal)
+            return function_uid(self.identity, ordinal)
         if name == "TOPIC":
             return self.topic
         if name == "NATS_URL":

@@ -71,6 +71,33 @@ def cmd_up(args: argparse.Namespace) -> int:
                            state_dir=Path(args.state_dir)))
 
 
+def _once(coroutine: Coroutine[Any, Any, int]) -> int:
+    return asyncio.run(coroutine)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from gitfaas.operator import replay
+
+    if not args.request_id and not args.topic:
+        print("gitfaas replay: give a REQUEST_ID or --topic T", file=sys.stderr)
+        return 2
+    settings = _settings()
+    logs.configure("WARNING", settings.log_format)
+    try:
+        return _once(replay(settings, args.request_id, args.topic, args.since, args.failed))
+    except ValueError as exc:
+        print(f"gitfaas replay: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_dead(args: argparse.Namespace) -> int:
+    from gitfaas.operator import dead
+
+    settings = _settings()
+    logs.configure("WARNING", settings.log_format)
+    return _once(dead(settings, args.action, args.seq, args.all, args.json))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gitfaas",
@@ -97,6 +124,27 @@ def build_parser() -> argparse.ArgumentParser:
     bridge.set_defaults(func=cmd_bridge)
     consumer = sub.add_parser("consumer", help="run the consumer (configured by environment, §8)")
     consumer.set_defaults(func=cmd_consumer)
+
+    replay = sub.add_parser(
+        "replay", help="publish stored messages again as new requests linked to the originals",
+        epilog="examples:\n  gitfaas replay 3f0c2a9e-…\n  gitfaas replay --topic timeToCollect --since 1h --failed",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    replay.add_argument("request_id", nargs="?", help="the request to replay")
+    replay.add_argument("--topic", help="replay every message of this topic…")
+    replay.add_argument("--since", default="1h", help="…stored since this long ago (30m, 1h, 2d) or ISO time")
+    replay.add_argument("--failed", action="store_true", help="…whose request failed or went dead")
+    replay.set_defaults(func=cmd_replay)
+
+    dead = sub.add_parser(
+        "dead", help="the dead letters: what failed and why, and sending them through again",
+        epilog="examples:\n  gitfaas dead list\n  gitfaas dead show 12\n  gitfaas dead redrive 12\n"
+               "  gitfaas dead redrive --all\n  gitfaas dead purge",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    dead.add_argument("action", choices=["list", "show", "redrive", "purge"])
+    dead.add_argument("seq", nargs="?", type=int, help="dead letter sequence (show, redrive)")
+    dead.add_argument("--all", action="store_true", help="redrive every dead letter")
+    dead.add_argument("--json", action="store_true", help="list as JSON")
+    dead.set_defaults(func=cmd_dead)
     return parser
 
 

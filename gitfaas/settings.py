@@ -100,7 +100,7 @@ class Settings:
             raise SettingsError(f"EXECUTOR must be one of {', '.join(EXECUTORS)}, not {executor!r}")
         log_format = reader.text("LOG_FORMAT", cls.log_format).lower()
         if log_format not in LOG_FORMATS:
-            raise SettingsError(f"LOG_FORMAT must be json or console, not {log_format!r}")
+            raise SettingsError(f"LOG_FORMAT must be json, console or auto, not {log_format!r}")
         kube_namespace = reader.text("KUBE_NAMESPACE", "") or _own_namespace() or cls.kube_namespace
         return cls(
             nats_url=reader.text("NATS_URL", cls.nats_url),
@@ -115,11 +115,10 @@ class Settings:
             dead_stream=reader.text("GITFAAS_DEAD_STREAM", cls.dead_stream),
             subject_prefix=reader.text("GITFAAS_SUBJECT_PREFIX", cls.subject_prefix).rstrip("."),
             durable=reader.text("GITFAAS_DURABLE", cls.durable),
-            request_ttl_seconds=reader.number(
-                "REQUEST_TTL_SECONDS", reader.number("EXPIRATION_TIME", cls.request_ttl_seconds)
-            ),
+            request_ttl_seconds=reader.first_number(("REQUEST_TTL_SECONDS", "EXPIRATION_TIME"),
+                                                    cls.request_ttl_seconds),
             bridge_host=reader.text("BRIDGE_HOST", cls.bridge_host),
-            bridge_port=reader.integer("BRIDGE_PORT", cls.bridge_port),
+            bridge_port=reader.port("BRIDGE_PORT", cls.bridge_port),
             bridge_token=reader.optional("BRIDGE_TOKEN"),
             max_payload_bytes=reader.integer("MAX_PAYLOAD_BYTES", cls.max_payload_bytes),
             git_url=reader.text("GIT_URL", ""),
@@ -134,10 +133,11 @@ class Settings:
             executor=executor,
             max_concurrency=reader.integer("MAX_CONCURRENCY", cls.max_concurrency),
             max_deliver=reader.integer("MAX_DELIVER", cls.max_deliver),
+            ack_wait_seconds=reader.number("ACK_WAIT_SECONDS", cls.ack_wait_seconds),
             banned_kinds=reader.words("BANNED_KINDS", reader.words("BANNED_KUBE_RESS", DEFAULT_BANNED_KINDS)),
             allowed_namespaces=reader.words("ALLOWED_NAMESPACES", ()),
             consumer_host=reader.text("CONSUMER_HOST", cls.consumer_host),
-            consumer_http_port=reader.integer("CONSUMER_HTTP_PORT", cls.consumer_http_port),
+            consumer_http_port=reader.port("CONSUMER_HTTP_PORT", cls.consumer_http_port),
             bridge_url=reader.text("BRIDGE_URL", cls.bridge_url),
             function_nats_url=reader.optional("FUNCTION_NATS_URL"),
             kubeconfig=reader.optional("KUBECONFIG"),
@@ -176,7 +176,21 @@ class _Reader:
             raise SettingsError(f"{name} must not be negative, not {raw!r}")
         return value
 
-    def number(self, name: str, default: float | None) -> float | None:  # type: ignore[override]
+    def port(self, name: str, default: int) -> int:
+        value = self.integer(name, default)
+        if value > 65535:
+            raise SettingsError(f"{name} must be a port number (0-65535), not {value}")
+        return value
+
+    def first_number(self, names: tuple[str, ...], default: float) -> float:
+        """The first of `names` that is set (new name before its alias)."""
+        for name in names:
+            if self.optional(name) is not None:
+                value = self.number(name, default)
+                return default if value is None else value
+        return default
+
+    def number(self, name: str, default: float | None) -> float | None:
         raw = self.optional(name)
         if raw is None:
             return default
@@ -189,7 +203,10 @@ class _Reader:
         return value
 
     def words(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
-        raw = self.env.get(name)
+        """Space or comma separated; empty means the default, `none` means an empty list."""
+        raw = self.optional(name)
         if raw is None:
             return default
+        if raw.lower() == "none":
+            return ()
         return tuple(word for word in raw.replace(",", " ").split() if word)

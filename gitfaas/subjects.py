@@ -106,7 +106,8 @@ def decode_params(headers: dict[str, str] | None) -> dict[str, str]:
     """Parameters a message carries, decoded as the bridge encoded them (or raw from a function)."""
     if not headers:
         return {}
-    encoded = headers.get(HEADER_PARAM_ENCODING, "").lower() == "percent"
+    encoding_header = HEADER_PARAM_ENCODING.lower()
+    encoded = any(k.lower() == encoding_header and v.lower() == "percent" for k, v in headers.items())
     cut = len(HEADER_PARAM_PREFIX)
     params: dict[str, str] = {}
     for key, value in headers.items():

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -21,9 +22,13 @@ class Applied:
     namespace: str | None
     name: str
     uid: str | None = None
+    function_uid: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "namespace": self.namespace, "name": self.name}
+
+    def with_function_uid(self, function_uid: str) -> Applied:
+        return dataclasses.replace(self, function_uid=function_uid)
 
 
 class Executor(Protocol):

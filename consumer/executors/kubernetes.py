@@ -8,6 +8,7 @@ a no-op rather than an error.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import tempfile
 from typing import Any
@@ -26,6 +27,7 @@ from gitfaas.settings import Settings
 
 FIELD_MANAGER = "gitfaas"
 TRANSIENT_STATUSES = {408, 409, 429}
+APPLY_TIMEOUT_SECONDS = 15.0  # a hung API server is a transient failure, not a stuck message
 
 
 async def api_client(settings: Settings) -> ApiClient:
@@ -83,48 +85,51 @@ class KubernetesExecutor:
         if not resource.namespaced:
             metadata.pop("namespace", None)
         try:
-            result = await self._dynamic.server_side_apply(
+            # serialize=False gives the raw response: kubernetes_asyncio 36's dynamic client reads
+            # responses with _preload_content=False, which skips its own status check, so an error
+            # answer (422, 500, ...) would otherwise look like success. We check the status here.
+            response = await self._dynamic.server_side_apply(
                 resource,
                 body=document,
                 name=metadata["name"],
                 namespace=namespace,
                 field_manager=FIELD_MANAGER,
                 force_conflicts=True,
+                serialize=False,
+                _request_timeout=APPLY_TIMEOUT_SECONDS,
             )
+            async with response:
+                payload = await response.read()
+                status = response.status
         except (ApiException, DynamicApiError) as exc:
-            raise classify(exc, kind, metadata["name"]) from None
+            raise classify(getattr(exc, "status", None), _api_message(exc), kind, metadata["name"]) from None
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TransientError(f"API server unreachable: {type(exc).__name__}: {exc}") from None
-        uid = None
-        try:
-            uid = result.metadata.uid
-        except AttributeError:
-            pass
+        body = _json(payload)
+        if not 200 <= status <= 299:
+            message = body.get("message") if isinstance(body, dict) else payload[:300].decode(errors="replace")
+            raise classify(status, str(message or ""), kind, metadata["name"])
+        uid = (body.get("metadata") or {}).get("uid") if isinstance(body, dict) else None
         return Applied(api_version=api_version, kind=kind, namespace=namespace, name=metadata["name"], uid=uid)
 
 
-def classify(exc: Exception, kind: str, name: str) -> TransientError | PermanentError:
-    status = getattr(exc, "status", None)
-    reason = getattr(exc, "reason", "") or ""
-    message = _api_message(exc) or reason
-    text = f"applying {kind} {name} failed: HTTP {status} {message}".strip()
+def classify(status: int | None, message: str, kind: str, name: str) -> TransientError | PermanentError:
+    text = f"applying {kind} {name} failed: HTTP {status} {message[:300]}".strip()
     if status is None or status >= 500 or status in TRANSIENT_STATUSES:
         return TransientError(text)
     return PermanentError(text)
 
 
-def _api_message(exc: Exception) -> str:
-    import json
+def _json(payload: bytes) -> Any:
+    try:
+        return json.loads(payload)
+    except ValueError:
+        return None
 
+
+def _api_message(exc: Exception) -> str:
     body = getattr(exc, "body", None)
     if isinstance(body, bytes | str):
-        try:
-            data = json.loads(body)
-        except ValueError:
-            return str(body)[:300]
-        if isinstance(data, dict):
-            return str(data.get("message", ""))[:300]
-    summary = getattr(exc, "summary", None)
-    if callable(summary):
-        return str(summary())[:300]
-    return ""
+        data = _json(body.encode() if isinstance(body, str) else body)
+        return str(data.get("message", "")) if isinstance(data, dict) else str(body)[:300]
+    return str(getattr(exc, "reason", "") or "")

@@ -1,0 +1,140 @@
+"""The operator commands of the CLI: replay and dead letters, printed for people.
+
+Kept apart from `cli.py` (argument parsing) so each command is a plain coroutine that takes
+settings and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from datetime import UTC, datetime, timedelta
+from typing import TextIO
+
+from nats.aio.client import Client
+
+from gitfaas import natsconn
+from gitfaas.replay import ReplayError, dead_letter, dead_letters, purge_dead, redrive, replay_request, replay_topic
+from gitfaas.settings import Settings
+from gitfaas.status import StatusStore
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str) -> datetime:
+    """`90s`, `15m`, `1h`, `2d`, `1h30m`, or an ISO time."""
+    parts = _DURATION.findall(text)
+    if parts and "".join(n + u for n, u in parts) == text:
+        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+        return datetime.now(UTC) - timedelta(seconds=seconds)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"--since {text!r}: use a duration like 30m, 1h, 2d or an ISO time") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+async def _connect(settings: Settings) -> Client:
+    try:
+        return await natsconn.connect(settings, "gitfaas-cli", attempts=1)
+    except Exception as exc:  # noqa: BLE001 — any failure to connect means the same to a person
+        raise SystemExit(f"gitfaas: cannot reach NATS at {settings.nats_url}: {exc or type(exc).__name__}") from None
+
+
+async def replay(settings: Settings, request_id: str | None, topic: str | None, since: str | None,
+                 failed: bool, out: TextIO = sys.stdout) -> int:
+    nc = await _connect(settings)
+    try:
+        js = nc.jetstream()
+        _config, requests = await natsconn.ensure_buckets(js, settings)
+        store = StatusStore(requests)
+        if request_id:
+            try:
+                done = [await replay_request(js, store, settings, request_id)]
+            except ReplayError as exc:
+                print(f"gitfaas: {exc}", file=sys.stderr)
+                return 1
+        else:
+            assert topic is not None
+            done = await replay_topic(js, store, settings, topic, parse_since(since or "1h"), failed)
+        for item in done:
+            print(f"replayed {item.parent} -> {item.request_id} (topic {item.topic}, seq {item.stream_seq})", file=out)
+        if not done:
+            print("nothing to replay", file=out)
+        return 0
+    finally:
+        await nc.close()
+
+
+async def dead(settings: Settings, action: str, seq: int | None, all_: bool, as_json: bool,
+               out: TextIO = sys.stdout) -> int:
+    nc = await _connect(settings)
+    try:
+        js = nc.jetstream()
+        await natsconn.ensure_stream(js, natsconn.dead_stream_config(settings))
+        if action == "list":
+            letters = await dead_letters(js, settings)
+            if as_json:
+                print(json.dumps([{"seq": d.seq, "topic": d.topic, "request_id": d.request_id,
+                                   "age_seconds": d.age_seconds(), "attempts": d.attempts, "error": d.error}
+                                  for d in letters], indent=2), file=out)
+                return 0
+            if not letters:
+                print("no dead letters", file=out)
+                return 0
+            print(f"{'SEQ':>6}  {'TOPIC':<24} {'AGE':>5}  {'TRIES':>5}  ERROR", file=out)
+            for d in letters:
+                print(f"{d.seq:>6}  {d.topic:<24} {_age(d.age_seconds()):>5}  {d.attempts:>5}  {d.error}", file=out)
+            return 0
+        if action == "show":
+            if seq is None:
+                print("gitfaas: dead show needs SEQ", file=sys.stderr)
+                return 2
+            try:
+                d = await dead_letter(js, settings, seq)
+            except ReplayError as exc:
+                print(f"gitfaas: {exc}", file=sys.stderr)
+                return 1
+            print(f"seq:        {d.seq}\ntopic:      {d.topic}\nrequest:    {d.request_id}\n"
+                  f"age:        {_age(d.age_seconds())}\nattempts:   {d.attempts}\nerror:      {d.error}\n"
+                  "headers:", file=out)
+            for key, value in sorted(d.headers.items()):
+                print(f"  {key}: {value}", file=out)
+            print("body:", file=out)
+            print("  " + d.data.decode("utf-8", errors="replace"), file=out)
+            return 0
+        if action == "redrive":
+            if seq is None and not all_:
+                print("gitfaas: dead redrive needs SEQ or --all", file=sys.stderr)
+                return 2
+            seqs = [d.seq for d in await dead_letters(js, settings)] if all_ else [seq]
+            for one in seqs:
+                try:
+                    item = await redrive(js, settings, int(one))  # type: ignore[arg-type]
+                except ReplayError as exc:
+                    print(f"gitfaas: {exc}", file=sys.stderr)
+                    return 1
+                print(f"redriven dead letter {one}: {item.parent} -> {item.request_id} (topic {item.topic})",
+                      file=out)
+            if not seqs:
+                print("no dead letters", file=out)
+            return 0
+        if action == "purge":
+            count = await purge_dead(js, settings)
+            print(f"purged {count} dead letter(s)", file=out)
+            return 0
+        print(f"gitfaas: unknown dead action {action!r}", file=sys.stderr)
+        return 2
+    finally:
+        await nc.close()

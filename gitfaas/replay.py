@@ -1,0 +1,194 @@
+"""Reading stored messages back from JetStream and sending them through again (§5, §9).
+
+Used by the bridge (`POST /requests/{id}/replay`) and the command line (`gitfaas replay`,
+`gitfaas dead …`). A replay is always a *new* request linked to the original by
+`Gitfaas-Parent`: new id, new object names, and the original stays as it was.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from gitfaas.settings import Settings
+from gitfaas.status import StatusStore
+from gitfaas.subjects import (
+    HEADER_CONTENT_TYPE,
+    HEADER_ERROR,
+    HEADER_PARAM_ENCODING,
+    HEADER_PARAM_PREFIX,
+    HEADER_PARENT,
+    HEADER_PUBLISHED_AT,
+    HEADER_REQUEST_ID,
+    Subjects,
+)
+
+# Headers a replay carries over: what the message said, not who sent it or when.
+_KEPT_PREFIXES = (HEADER_PARAM_PREFIX.lower(),)
+_KEPT = {HEADER_PARAM_ENCODING.lower(), HEADER_CONTENT_TYPE.lower()}
+
+
+class ReplayError(LookupError):
+    """The original cannot be found (expired, purged, unknown); the message says which."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    seq: int
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+    time: datetime | None
+
+    @property
+    def request_id(self) -> str:
+        return self.headers.get(HEADER_REQUEST_ID) or f"seq-{self.seq}"
+
+
+@dataclass(frozen=True, slots=True)
+class Republished:
+    request_id: str
+    topic: str
+    stream_seq: int
+    parent: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"request_id": self.request_id, "topic": self.topic, "stream_seq": self.stream_seq,
+                "parent": self.parent}
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    seq: int
+    topic: str
+    request_id: str
+    error: str
+    attempts: str
+    time: datetime | None
+    headers: dict[str, str] = field(default_factory=dict)
+    data: bytes = b""
+
+    def age_seconds(self) -> float | None:
+        return None if self.time is None else max(0.0, time.time() - self.time.timestamp())
+
+
+async def republish(js: JetStreamContext, settings: Settings, original: StoredMessage, topic: str) -> Republished:
+    headers = {k: v for k, v in original.headers.items()
+               if k.lower() in _KEPT or k.lower().startswith(_KEPT_PREFIXES)}
+    new_id = str(uuid.uuid4())
+    headers[HEADER_REQUEST_ID] = new_id
+    headers[HEADER_PARENT] = original.request_id
+    headers[HEADER_PUBLISHED_AT] = f"{time.time():.6f}"
+    ack = await js.publish(Subjects(settings.subject_prefix).topic(topic), original.data, headers=headers,
+                           stream=settings.stream)
+    return Republished(request_id=new_id, topic=topic, stream_seq=ack.seq, parent=original.request_id)
+
+
+async def stored_message(js: JetStreamContext, stream: str, seq: int) -> StoredMessage:
+    try:
+        raw = await js.get_msg(stream, seq)
+    except NotFoundError:
+        raise ReplayError(f"message {seq} is no longer in stream {stream}") from None
+    return StoredMessage(seq=seq, subject=raw.subject or "", data=raw.data or b"",
+                         headers=dict(raw.headers or {}), time=raw.time)
+
+
+async def replay_request(js: JetStreamContext, store: StatusStore, settings: Settings,
+                         request_id: str) -> Republished:
+    status = await store.get(request_id)
+    if status is None:
+        raise ReplayError(f"request {request_id} is unknown or its status has expired")
+    original = await stored_message(js, settings.stream, int(status["stream_seq"]))
+    topic = Subjects(settings.subject_prefix).topic_of(original.subject) or status["topic"]
+    return await republish(js, settings, original, topic)
+
+
+async def iterate(js: JetStreamContext, stream: str, subject: str, *, since: datetime | None = None,
+                  batch: int = 256) -> AsyncIterator[StoredMessage]:
+    """Every stored message on `subject` (from `since`), through a short-lived ephemeral consumer."""
+    config = ConsumerConfig(
+        ack_policy=AckPolicy.NONE,
+        deliver_policy=DeliverPolicy.BY_START_TIME if since else DeliverPolicy.ALL,
+        opt_start_time=since.astimezone(UTC).isoformat().replace("+00:00", "Z") if since else None,
+        filter_subject=subject,
+        inactive_threshold=60.0,
+        mem_storage=True,
+    )
+    sub = await js.pull_subscribe(subject, stream=stream, config=config)
+    try:
+        info = await sub.consumer_info()
+        remaining = info.num_pending or 0
+        while remaining > 0:
+            try:
+                messages = await sub.fetch(min(batch, remaining), timeout=2.0)
+            except NatsTimeoutError:
+                return
+            for msg in messages:
+                meta = msg.metadata
+                remaining = meta.num_pending
+                yield StoredMessage(seq=meta.sequence.stream, subject=msg.subject, data=msg.data or b"",
+                                    headers=dict(msg.headers or {}), time=meta.timestamp)
+    finally:
+        await sub.unsubscribe()
+
+
+async def replay_topic(js: JetStreamContext, store: StatusStore, settings: Settings, topic: str,
+                       since: datetime, failed_only: bool = False) -> list[Republished]:
+    subjects = Subjects(settings.subject_prefix)
+    originals = [m async for m in iterate(js, settings.stream, subjects.topic(topic), since=since)]
+    replayed: list[Republished] = []
+    for original in originals:
+        if failed_only:
+            status = await store.get(original.request_id)
+            if status is None or status.get("state") not in ("failed", "dead"):
+                continue
+        replayed.append(await republish(js, settings, original, topic))
+    return replayed
+
+
+# ---- dead letters ---------------------------------------------------------------------------
+
+def _dead_letter(message: StoredMessage, subjects: Subjects) -> DeadLetter:
+    topic = message.subject[len(subjects.dead_prefix):] if message.subject.startswith(subjects.dead_prefix) \
+        else message.subject
+    return DeadLetter(seq=message.seq, topic=topic, request_id=message.request_id,
+                      error=message.headers.get(HEADER_ERROR, ""),
+                      attempts=message.headers.get("Gitfaas-Attempts", "?"), time=message.time,
+                      headers=message.headers, data=message.data)
+
+
+async def dead_letters(js: JetStreamContext, settings: Settings) -> list[DeadLetter]:
+    subjects = Subjects(settings.subject_prefix)
+    return [_dead_letter(m, subjects) async for m in iterate(js, settings.dead_stream, subjects.dead_wildcard)]
+
+
+async def dead_letter(js: JetStreamContext, settings: Settings, seq: int) -> DeadLetter:
+    message = await stored_message(js, settings.dead_stream, seq)
+    return _dead_letter(message, Subjects(settings.subject_prefix))
+
+
+async def redrive(js: JetStreamContext, settings: Settings, seq: int) -> Republished:
+    """Send a dead letter through the stream again as a linked request, then remove it."""
+    letter = await dead_letter(js, settings, seq)
+    original = StoredMessage(seq=seq, subject=Subjects(settings.subject_prefix).topic(letter.topic),
+                             data=letter.data, headers={**letter.headers, HEADER_REQUEST_ID: letter.request_id},
+                             time=letter.time)
+    republished = await republish(js, settings, original, letter.topic)
+    await js.delete_msg(settings.dead_stream, seq)
+    return republished
+
+
+async def purge_dead(js: JetStreamContext, settings: Settings) -> int:
+    info = await js.stream_info(settings.dead_stream)
+    count = info.state.messages
+    await js.purge_stream(settings.dead_stream)
+    return count
