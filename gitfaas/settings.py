@@ -67,6 +67,7 @@ class Settings:
     max_concurrency: int = 32
     max_deliver: int = 10
     ack_wait_seconds: float = 30
+    apply_timeout_seconds: float = 15
     banned_kinds: tuple[str, ...] = DEFAULT_BANNED_KINDS
     allowed_namespaces: tuple[str, ...] = ()  # empty: only kube_namespace
     consumer_host: str = "0.0.0.0"
@@ -134,6 +135,7 @@ class Settings:
             max_concurrency=reader.integer("MAX_CONCURRENCY", cls.max_concurrency),
             max_deliver=reader.integer("MAX_DELIVER", cls.max_deliver),
             ack_wait_seconds=reader.number("ACK_WAIT_SECONDS", cls.ack_wait_seconds),
+            apply_timeout_seconds=reader.number("APPLY_TIMEOUT_SECONDS", cls.apply_timeout_seconds),
             banned_kinds=reader.words("BANNED_KINDS", reader.words("BANNED_KUBE_RESS", DEFAULT_BANNED_KINDS)),
             allowed_namespaces=reader.words("ALLOWED_NAMESPACES", ()),
             consumer_host=reader.text("CONSUMER_HOST", cls.consumer_host),

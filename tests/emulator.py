@@ -135,6 +135,7 @@ class Fault:
     method: str | None = "PATCH"  # None: any method
     plural: str | None = None  # None: any resource (discovery requests are never failed)
     retry_after: int | None = None
+    delay: float = 0.0  # seconds the (simulated) server hangs before answering: a client timeout
     hits: int = 0
 
     def matches(self, request: kmock.Request) -> bool:
@@ -171,9 +172,9 @@ class Emulator(kmock.KubernetesEmulator):
     # --- fault injection -------------------------------------------------------------------------------
     def fail_next(self, status: int, count: int | None = 1, *, reason: str | None = None,
                   message: str | None = None, method: str | None = "PATCH", plural: str | None = None,
-                  retry_after: int | None = None) -> Fault:
+                  retry_after: int | None = None, delay: float = 0.0) -> Fault:
         """Make the next ``count`` matching requests (None: all, until removed) answer ``status``."""
-        fault = Fault(status, count, reason, message, method, plural, retry_after)
+        fault = Fault(status, count, reason, message, method, plural, retry_after, delay)
         self.faults.append(fault)
         return fault
 
@@ -227,6 +228,8 @@ class Emulator(kmock.KubernetesEmulator):
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         if (fault := self._take_fault(request)) is not None:
+            if fault.delay:
+                await asyncio.sleep(fault.delay)  # a hung API server, not test synchronisation
             return fault.render()
         # kmock recognises only `watch=true`; kubernetes_asyncio sends `watch=True` (Go's ParseBool: both).
         if request.resource is not None and request.method == "GET" and request.params.get("watch") in TRUES:

@@ -164,15 +164,25 @@ async def test_broker_restart_mid_publish(
         assert_exactly_once(k8s, accepted)
 
 
-async def test_api_faults_heal_and_a_permanent_error_goes_dead_at_once(stack: Stack, k8s: EmulatorHandle) -> None:
+async def test_api_faults_heal_and_a_permanent_error_goes_dead_at_once(
+    nats_server: EmbeddedNats, k8s: EmulatorHandle, repo: GitRepo, tmp_path: Path
+) -> None:
+    settings = make_settings(nats_server, k8s, repo.path, tmp_path, apply_timeout_seconds=0.5)
+    async with running_stack(settings) as stack:
+        await _faults_heal(stack, k8s)
+
+
+async def _faults_heal(stack: Stack, k8s: EmulatorHandle) -> None:
     k8s.emulator.fail_next(500, count=6)
     k8s.emulator.fail_next(429, count=6, retry_after=1)
     k8s.emulator.fail_next(409, count=3)
+    k8s.emulator.fail_next(504, count=3, delay=2.0)  # hangs past the client's apply timeout
     accepted = []
     for index in range(20):
         response = await stack.publish("hello", f"m{index}")
         accepted.append((await response.json())["request_id"])
     await wait_for(lambda: len(k8s.jobs()) >= 20, timeout=60, message="20 Jobs after the faults heal")
+    assert not k8s.emulator.faults, "every injected fault was met"
     assert_exactly_once(k8s, accepted)
 
     k8s.emulator.fail_next(422, count=1, message="spec.template: Invalid value: field is immutable")

@@ -27,7 +27,6 @@ from gitfaas.settings import Settings
 
 FIELD_MANAGER = "gitfaas"
 TRANSIENT_STATUSES = {408, 409, 429}
-APPLY_TIMEOUT_SECONDS = 15.0  # a hung API server is a transient failure, not a stuck message
 
 
 async def api_client(settings: Settings) -> ApiClient:
@@ -96,7 +95,7 @@ class KubernetesExecutor:
                 field_manager=FIELD_MANAGER,
                 force_conflicts=True,
                 serialize=False,
-                _request_timeout=APPLY_TIMEOUT_SECONDS,
+                _request_timeout=self._settings.apply_timeout_seconds,
             )
             async with response:
                 payload = await response.read()
