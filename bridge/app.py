@@ -26,23 +26,18 @@ from prometheus_client import Counter, Histogram
 
 from gitfaas import natsconn
 from gitfaas.logs import get_logger
+from gitfaas.message import request_headers
 from gitfaas.metrics import json_error, metrics_view
 from gitfaas.replay import ReplayError, replay_request
 from gitfaas.settings import Settings
 from gitfaas.status import StatusStore
 from gitfaas.subjects import (
     CONFIG_KEY,
-    HEADER_CONTENT_TYPE,
-    HEADER_MSG_ID,
-    HEADER_PARAM_ENCODING,
-    HEADER_PARAM_PREFIX,
-    HEADER_PUBLISHED_AT,
+    HEADER_PARENT,
     HEADER_REQUEST_ID,
     InvalidName,
     Subjects,
-    check_param_name,
     check_topic,
-    encode_param,
 )
 
 log = get_logger("gitfaas.bridge")
@@ -56,6 +51,8 @@ PUBLISH_SECONDS = Histogram("gitfaas_bridge_publish_seconds", "Time from request
 RESERVED_QUERY = frozenset({"wait", "timeout", "parent"})
 OPEN_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 PUBLISH_TIMEOUT_SECONDS = 5.0
+DEFAULT_WAIT_SECONDS = 30.0
+MAX_WAIT_SECONDS = 300.0
 REFRESH_TIMEOUT_SECONDS = 60.0
 NATS_UNAVAILABLE = (
     nats.errors.TimeoutError,
@@ -69,6 +66,19 @@ NATS_UNAVAILABLE = (
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def is_applied(document: dict[str, Any]) -> bool:
+    return document.get("state") not in (None, "pending")
+
+
+def is_completed(document: dict[str, Any]) -> bool:
+    """Finished: its Jobs ended (or it has none and is applied), or it was given up on."""
+    state = document.get("state")
+    if state in ("succeeded", "failed", "dead"):
+        return True
+    has_jobs = any(d.get("kind") == "Job" for d in document.get("documents", []))
+    return state == "applied" and not has_jobs
 
 
 def accepted_content_type(content_type: str) -> bool:
@@ -193,6 +203,15 @@ class Bridge:
             check_topic(topic)
         except InvalidName as exc:
             return json_error(400, str(exc))
+        wait = request.query.get("wait")
+        if wait is not None and wait not in ("applied", "completed"):
+            return json_error(400, f"wait must be 'applied' or 'completed', not {wait!r}")
+        try:
+            wait_timeout = float(request.query.get("timeout", DEFAULT_WAIT_SECONDS))
+        except ValueError:
+            return json_error(400, f"timeout must be a number of seconds, not {request.query.get('timeout')!r}")
+        if not 0 < wait_timeout <= MAX_WAIT_SECONDS:
+            return json_error(400, f"timeout must be between 0 and {MAX_WAIT_SECONDS:.0f} seconds")
         if self.nc is None or self.js is None or not self.nc.is_connected:
             return json_error(503, "NATS is unavailable; the message was not accepted")
         if self.config_state is None or not self.config_state.get("commit"):
@@ -215,27 +234,17 @@ class Bridge:
                 return json_error(400, f"body is not valid JSON: {exc}")
 
         request_id = str(uuid.uuid4())
-        headers = {
-            HEADER_REQUEST_ID: request_id,
-            HEADER_PUBLISHED_AT: f"{time.time():.6f}",
-        }
-        if content_type:
-            headers[HEADER_CONTENT_TYPE] = content_type
-        params = 0
-        for name, value in request.query.items():
-            if name in RESERVED_QUERY:
-                continue
-            try:
-                check_param_name(name)
-            except InvalidName as exc:
-                return json_error(400, str(exc))
-            headers[HEADER_PARAM_PREFIX + name] = encode_param(value)
-            params += 1
-        if params:
-            headers[HEADER_PARAM_ENCODING] = "percent"
-        idempotency_key = request.headers.get("Idempotency-Key")
-        if idempotency_key:
-            headers[HEADER_MSG_ID] = idempotency_key
+        parent = request.query.get("parent") or request.headers.get(HEADER_PARENT)
+        try:
+            headers = request_headers(
+                request_id,
+                ((k, v) for k, v in request.query.items() if k not in RESERVED_QUERY),
+                content_type=content_type,
+                idempotency_key=request.headers.get("Idempotency-Key"),
+                parent=parent,
+            )
+        except InvalidName as exc:
+            return json_error(400, str(exc))
 
         try:
             ack = await self.js.publish(self.subjects.topic(topic), body, headers=headers,
@@ -246,10 +255,23 @@ class Bridge:
                                    f"{type(exc).__name__}")
         if ack.duplicate:
             request_id = await self._original_request_id(ack.seq) or request_id
-        return web.json_response(
-            {"request_id": request_id, "topic": topic, "stream_seq": ack.seq, "duplicate": bool(ack.duplicate)},
-            status=202,
-        )
+        answer = {"request_id": request_id, "topic": topic, "stream_seq": ack.seq, "duplicate": bool(ack.duplicate)}
+        if wait is None:
+            return web.json_response(answer, status=202)
+        return await self._wait(answer, wait, wait_timeout)
+
+    async def _wait(self, answer: dict[str, Any], wait: str, timeout: float) -> web.Response:
+        """`?wait=`: answer from a watch of the request's status key, not by polling."""
+        assert self.status is not None
+        done = is_applied if wait == "applied" else is_completed
+        try:
+            reached, document = await self.status.wait(answer["request_id"], done, timeout)
+        except NATS_UNAVAILABLE as exc:
+            return json_error(503, f"accepted as {answer['request_id']}, but its status is unavailable: "
+                                   f"{type(exc).__name__}")
+        if document is None:
+            document = {**answer, "state": "pending"}
+        return web.json_response(document, status=200 if reached else 504)
 
     async def _original_request_id(self, seq: int) -> str | None:
         """A duplicate publish answers with the first request's id, read back from the stream."""

@@ -22,18 +22,17 @@ from nats.js.kv import KeyValue
 
 from consumer import metrics
 from consumer.configuration import Configuration, ConfigurationError, load_configuration
+from consumer.documents import Request, render_request
 from consumer.errors import PermanentError, TransientError
-from consumer.executors import Applied, Executor, make_executor
+from consumer.executors import Applied, Executor, JobEvent, make_executor
 from consumer.gitsync import GitSync, GitSyncError
-from consumer.prepare import PolicyError, Stamp, prepare
 from consumer.pull import ContinuousPull
-from consumer.render import MissingVariablesError, RenderError
-from consumer.variables import MessageValues, function_uid
+from consumer.variables import function_uid
 from gitfaas import natsconn
 from gitfaas.logs import get_logger
 from gitfaas.metrics import metrics_view
 from gitfaas.settings import Settings
-from gitfaas.status import StatusStore, new_status
+from gitfaas.status import StatusStore, merge_documents, new_status, record_job_state, summarize
 from gitfaas.subjects import (
     CONFIG_KEY,
     HEADER_ERROR,
@@ -91,7 +90,7 @@ class Consumer:
         self.js = self.nc.jetstream()
         self._config_kv, requests_kv = await natsconn.ensure_all(self.js, s)
         self.status = StatusStore(requests_kv)
-        await self.executor.start()
+        await self.executor.start(self)
         await self.refresh()
         await self.nc.subscribe(self.subjects.refresh, cb=self._on_refresh_request)
         await self._start_http()
@@ -264,6 +263,27 @@ class Consumer:
         finally:
             heartbeat.cancel()
 
+    async def job_changed(self, event: JobEvent) -> None:
+        """An executor saw one of our Jobs change: fold it into its request's status."""
+        if self.status is None:
+            return
+
+        def change(document: dict[str, Any]) -> None:
+            record_job_state(document, event.kind, event.namespace, event.name, event.state, event.reason)
+            summarize(document)
+
+        try:
+            # Created when the Job reports before the apply is recorded; `_record` fills it in.
+            document = await self.status.update(
+                event.request_id, change, create=lambda: new_status(event.request_id, "", 0, None))
+        except Exception as exc:  # noqa: BLE001 — a lost status update must not stop the executor
+            log.warning("job status not recorded", job=event.name, error=str(exc) or type(exc).__name__)
+            return
+        if document is not None:
+            metrics.JOB_OUTCOMES.labels(document.get("topic", "?"), event.state).inc()
+            log.info("job " + event.state, request_id=event.request_id, job=event.name, reason=event.reason,
+                     request_state=document["state"])
+
     async def _keep_alive(self, msg: Msg) -> None:
         """Tell JetStream we are still on it, so a slow apply is not redelivered to someone else."""
         interval = max(0.5, self.settings.ack_wait_seconds / 3)
@@ -281,74 +301,45 @@ class Consumer:
         parent = (msg.headers or {}).get(HEADER_PARENT)
 
         def change(document: dict[str, Any]) -> None:
+            document.update(topic=topic, stream_seq=meta.sequence.stream, parent=parent)
             document["state"] = state
             document["attempts"] = meta.num_delivered
             document["error"] = error
             if commit is not None:
                 document["commit"] = commit
             if applied is not None:
-                document["documents"] = [
+                merge_documents(document, [
                     {**a.as_dict(), "function_uid": a.function_uid, "state": state, "reason": None}
                     for a in applied
-                ]
+                ])
+                summarize(document)
+
+        def adopt(document: dict[str, Any]) -> None:
+            if request_id not in document.setdefault("children", []):
+                document["children"].append(request_id)
 
         try:
             await self.status.update(
                 request_id, change, create=lambda: new_status(request_id, topic, meta.sequence.stream, parent)
             )
+            if parent:  # lineage: list this request under its parent
+                await self.status.update(parent, adopt)
         except Exception as exc:  # noqa: BLE001 — status is a report; the objects are what matter
             log.warning("status not recorded", error=str(exc) or type(exc).__name__)
 
     async def _process(
         self, msg: Msg, config: Configuration, topic_name: str, request_id: str, seq: int
     ) -> list[Applied]:
-        topic = config.topics.get(topic_name)
-        if topic is None:
-            raise PermanentError(f"topic {topic_name!r} is not in the configuration of commit {config.commit}")
-        documents = self.render(msg, config, topic_name, request_id, seq)
-        limit = self._topic_limit(topic_name, topic.max_concurrency)
+        documents = render_request(self.settings, config, Request(
+            topic=topic_name, request_id=request_id, identity=identity_of(msg, request_id), stream_seq=seq,
+            body=msg.data or b"", params=decode_params(msg.headers)))
+        limit = self._topic_limit(topic_name, config.topics[topic_name].max_concurrency)
         async with limit:
             applied = []
             for ordinal, document in enumerate(documents):
                 result = await self.executor.apply(document)
                 applied.append(result.with_function_uid(function_uid(identity_of(msg, request_id), ordinal)))
             return applied
-
-    def render(
-        self, msg: Msg, config: Configuration, topic_name: str, request_id: str, seq: int
-    ) -> list[dict[str, Any]]:
-        """Every document of the message, rendered and stamped — or nothing at all."""
-        topic = config.topics[topic_name]
-        identity = identity_of(msg, request_id)
-        values = MessageValues(
-            request_id=request_id,
-            identity=identity,
-            topic=topic_name,
-            body=msg.data or b"",
-            params=decode_params(msg.headers),
-            nats_url=self.settings.function_nats_url or self.settings.nats_url,
-            bridge_url=self.settings.bridge_url,
-        )
-        stamp = Stamp(topic=topic_name, request_id=request_id, stream_seq=seq, commit=config.commit,
-                      identity=identity)
-        namespace = topic.namespace or self.settings.kube_namespace
-        resolved: list[dict[str, str]] = []
-        missing: set[str] = set()
-        for ordinal, doc in enumerate(topic.documents):
-            try:
-                resolved.append(values.resolve(doc.variables, ordinal))
-            except MissingVariablesError as exc:
-                missing.update(exc.names)
-        if missing:
-            raise PermanentError(f"missing variables: {', '.join(sorted(missing))}")
-        try:
-            return [
-                prepare(doc.render(vals), ordinal=ordinal, stamp=stamp, namespace=namespace,
-                        settings=self.settings)
-                for ordinal, (doc, vals) in enumerate(zip(topic.documents, resolved, strict=True))
-            ]
-        except (RenderError, PolicyError, MissingVariablesError) as exc:
-            raise PermanentError(str(exc)) from None
 
     def _topic_limit(self, topic: str, limit: int | None) -> asyncio.Semaphore | contextlib.nullcontext[None]:
         if not limit:

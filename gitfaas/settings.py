@@ -75,6 +75,7 @@ class Settings:
     bridge_url: str = "http://127.0.0.1:5000"
     function_nats_url: str | None = None  # what functions are told (NATS_URL variable)
     kubeconfig: str | None = None
+    state_dir: str = ".gitfaas"  # local executor: persistent volumes and run records
 
     @property
     def topic_prefix(self) -> str:
@@ -143,6 +144,7 @@ class Settings:
             bridge_url=reader.text("BRIDGE_URL", cls.bridge_url),
             function_nats_url=reader.optional("FUNCTION_NATS_URL"),
             kubeconfig=reader.optional("KUBECONFIG"),
+            state_dir=reader.text("GITFAAS_STATE_DIR", cls.state_dir),
         )
 
 

@@ -7,12 +7,14 @@ Writes use the bucket's revision (compare-and-set) so two writers never lose eac
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
 from collections.abc import Callable
 from typing import Any
 
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
@@ -55,6 +57,31 @@ class StatusStore:
             return None
         return json.loads(entry.value)
 
+    async def wait(self, request_id: str, done: Callable[[dict[str, Any]], bool],
+                   timeout: float) -> tuple[bool, dict[str, Any] | None]:
+        """Until `done(document)` or the timeout, from a key watch (no polling).
+
+        Returns whether it got there, and the last document seen (None if there is none).
+        """
+        watcher = await self.kv.watch(status_key(request_id))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        last: dict[str, Any] | None = None
+        try:
+            while (remaining := deadline - loop.time()) > 0:
+                try:
+                    entry = await watcher.updates(timeout=remaining)
+                except NatsTimeoutError:
+                    break
+                if entry is None or not entry.value:
+                    continue
+                last = json.loads(entry.value)
+                if done(last):
+                    return True, last
+            return False, last
+        finally:
+            await watcher.stop()
+
     async def update(
         self,
         request_id: str,
@@ -91,3 +118,45 @@ class StatusStore:
                     continue
                 raise
         raise RuntimeError(f"status of {request_id} kept changing under us; update not stored")
+
+
+def merge_documents(document: dict[str, Any], entries: list[dict[str, Any]]) -> None:
+    """Set the request's documents, keeping Job states that were reported before (a fast Job
+    can finish before the consumer has written that it was applied)."""
+    known = {(d.get("kind"), d.get("namespace"), d.get("name")): d for d in document.get("documents", [])}
+    merged = []
+    for entry in entries:
+        previous = known.get((entry.get("kind"), entry.get("namespace"), entry.get("name")))
+        if previous and previous.get("state") in ("running", "succeeded", "failed"):
+            entry = {**entry, "state": previous["state"], "reason": previous.get("reason")}
+        merged.append(entry)
+    document["documents"] = merged
+
+
+def record_job_state(document: dict[str, Any], kind: str, namespace: str | None, name: str, state: str,
+                     reason: str | None) -> None:
+    for entry in document.setdefault("documents", []):
+        if entry.get("kind") == kind and entry.get("namespace") == namespace and entry.get("name") == name:
+            entry["state"], entry["reason"] = state, reason
+            break
+    else:  # reported before the apply was recorded: keep it for `merge_documents`
+        document["documents"].append({"kind": kind, "namespace": namespace, "name": name, "function_uid": None,
+                                      "state": state, "reason": reason})
+
+
+def summarize(document: dict[str, Any]) -> None:
+    """The request's state from its documents: its Jobs decide once it has been applied."""
+    if document.get("state") in ("pending", "dead"):
+        return
+    jobs = [d for d in document.get("documents", []) if d.get("kind") == "Job"]
+    states = [d.get("state") for d in jobs]
+    if "failed" in states:
+        failed = next(d for d in jobs if d.get("state") == "failed")
+        document["state"] = "failed"
+        document["error"] = f"Job {failed.get('name')} failed: {failed.get('reason') or 'unknown reason'}"
+    elif jobs and all(s == "succeeded" for s in states):
+        document["state"] = "succeeded"
+    elif any(s in ("running", "succeeded") for s in states):
+        document["state"] = "running"
+    else:
+        document["state"] = "applied"

@@ -155,16 +155,40 @@ class Fault:
         return aiohttp.web.json_response(body, status=self.status, headers=headers)
 
 
+class _DirectDispatch(kmock.RawHandler):
+    """
+    Serve resource requests by the emulator's own handlers, skipping kmock's DSL matching when possible.
+
+    kmock matches a request against each reaction by re-filtering *all recorded requests* (O(N) per
+    request), so a few hundred applies slow down to single-digit requests/s. With no user reactions
+    registered, the outcome is the built-in fallback anyway. Sits below KubernetesEmulator in the MRO,
+    so kmock's own state changes (create/delete) still run before it.
+    """
+
+    __slots__ = ()
+
+    def _direct_handler(self, request: kmock.Request) -> Any:
+        return None
+
+    async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        handler = self._direct_handler(request)
+        if handler is None:
+            return await super()._handle(request)
+        return await kmock.Response(payload=handler)(request)
+
+
 @attrs.define(kw_only=True)
-class Emulator(kmock.KubernetesEmulator):
+class Emulator(kmock.KubernetesEmulator, _DirectDispatch):
     """kmock's emulator with SSA, typed lists, selectors, server metadata, and fault injection."""
 
     faults: list[Fault] = attrs.field(factory=list)
     require_field_manager: bool = True  # a real API server rejects apply without ?fieldManager= (422)
     _rv: int = attrs.field(default=0, init=False)
+    _builtin_reactions: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
+        self._builtin_reactions = len(self._payloads)  # more means a test added its own kmock reactions
         with warnings.catch_warnings():  # kmock 0.8 uses the deprecated importlib.resources.read_binary
             warnings.simplefilter("ignore", DeprecationWarning)
             self.resources.load_bundled()  # discovery of built-in kinds (batch/v1 Job, v1 ConfigMap, …)
@@ -200,6 +224,17 @@ class Emulator(kmock.KubernetesEmulator):
         return None
 
     # --- request handling ------------------------------------------------------------------------------
+    def _direct_handler(self, request: kmock.Request) -> Any:
+        if len(self._payloads) != self._builtin_reactions or request.resource is None:
+            return None  # user reactions must get their chance; non-resource URLs: discovery etc.
+        if request.resource.plural is None:
+            return None
+        return {
+            kmock.action.LIST: self._serve_list, kmock.action.WATCH: self._serve_watch,
+            kmock.action.FETCH: self._serve_fetch, kmock.action.CREATE: self._serve_create,
+            kmock.action.UPDATE: self._serve_update, kmock.action.DELETE: self._serve_delete,
+        }.get(request.action) if request.action is not None else None
+
     def _next_rv(self) -> str:
         self._rv += 1
         return str(self._rv)
@@ -247,7 +282,7 @@ class Emulator(kmock.KubernetesEmulator):
             else:
                 return await super()._handle(request)  # e.g. JSON patches: kmock's own (limited) logic
             # The state is changed; serve the response (fallback: the object) skipping kmock's mutation.
-            return await kmock.RawHandler._handle(self, request)
+            return await _DirectDispatch._handle(self, request)
         return await super()._handle(request)
 
     async def _merge(self, request: kmock.Request) -> None:

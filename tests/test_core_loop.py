@@ -201,3 +201,18 @@ async def test_bridge_answers_503_while_nats_is_down(stack: Stack, nats_server: 
 async def test_health_routes(stack: Stack, route: str) -> None:
     async with stack.http.get(stack.bridge_url + route) as response:
         assert response.status == 200
+
+
+async def test_idempotency_key_answers_the_first_request_and_creates_nothing_new(
+    stack: Stack, k8s: EmulatorHandle
+) -> None:
+    first = await stack.publish("hello", "once", headers={"Idempotency-Key": "order-42"})
+    second = await stack.publish("hello", "once", headers={"Idempotency-Key": "order-42"})
+    one, two = await first.json(), await second.json()
+    assert first.status == second.status == 202
+    assert one["duplicate"] is False and two["duplicate"] is True
+    assert two["request_id"] == one["request_id"] and two["stream_seq"] == one["stream_seq"]
+    third = await stack.publish("hello", "other")
+    await wait_for(lambda: len(k8s.jobs()) == 2, message="two Jobs: the keyed request once, the other once")
+    assert sorted(env_of(job)["REQUEST_UUID"] for job in k8s.jobs()) == sorted(
+        [one["request_id"], (await third.json())["request_id"]])

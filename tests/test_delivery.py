@@ -192,8 +192,8 @@ async def _faults_heal(stack: Stack, k8s: EmulatorHandle) -> None:
     assert "422" in letter.headers["Gitfaas-Error"] and "immutable" in letter.headers["Gitfaas-Error"]
     assert letter.headers["Gitfaas-Attempts"] == "1", "a permanent error is not retried"
     assert letter.headers["Gitfaas-Request-Id"] == doomed
-    status, document = await stack.get_json(f"/requests/{doomed}")
-    assert status == 200 and document["state"] == "dead" and "immutable" in document["error"]
+    document = await wait_for(lambda: _state(stack, doomed, "dead"), message="the request's status to be dead")
+    assert "immutable" in document["error"]
     assert doomed not in request_ids(k8s)
 
 

@@ -31,8 +31,31 @@ class Applied:
         return dataclasses.replace(self, function_uid=function_uid)
 
 
+@dataclass(frozen=True, slots=True)
+class JobEvent:
+    """A Job of ours changed state: `running`, `succeeded` or `failed` (with the reason)."""
+
+    request_id: str
+    kind: str
+    namespace: str | None
+    name: str
+    state: str
+    reason: str | None = None
+
+
+class JobEvents(Protocol):
+    """Where executors report what their Jobs do; the consumer turns it into request status."""
+
+    async def job_changed(self, event: JobEvent) -> None: ...
+
+
+class NoJobEvents:
+    async def job_changed(self, event: JobEvent) -> None:
+        return None
+
+
 class Executor(Protocol):
-    async def start(self) -> None: ...
+    async def start(self, events: JobEvents) -> None: ...
 
     async def apply(self, document: dict[str, Any]) -> Applied: ...
 
@@ -48,4 +71,8 @@ def make_executor(settings: Settings) -> Executor:
         from consumer.executors.dryrun import DryRunExecutor
 
         return DryRunExecutor()
+    if settings.executor == "local":
+        from consumer.executors.local import LocalExecutor
+
+        return LocalExecutor(settings)
     raise ValueError(f"executor {settings.executor!r} is not available yet")

@@ -7,14 +7,14 @@ from typing import Any, TextIO
 
 import yaml
 
-from consumer.executors import Applied
+from consumer.executors import Applied, JobEvents
 
 
 class DryRunExecutor:
     def __init__(self, out: TextIO | None = None) -> None:
         self._out = out or sys.stdout
 
-    async def start(self) -> None:
+    async def start(self, events: JobEvents) -> None:
         return None
 
     async def apply(self, document: dict[str, Any]) -> Applied:

@@ -22,7 +22,7 @@ from kubernetes_asyncio.dynamic import DynamicClient
 from kubernetes_asyncio.dynamic.exceptions import DynamicApiError, ResourceNotFoundError
 
 from consumer.errors import PermanentError, TransientError
-from consumer.executors import Applied
+from consumer.executors import Applied, JobEvents
 from gitfaas.settings import Settings
 
 FIELD_MANAGER = "gitfaas"
@@ -48,7 +48,8 @@ class KubernetesExecutor:
         self._resources: dict[tuple[str, str], Any] = {}
         self._lock = asyncio.Lock()
 
-    async def start(self) -> None:
+    async def start(self, events: JobEvents) -> None:
+        self._events = events
         self._api = await api_client(self._settings)
         # A discovery cache per process: a shared file keyed by host:port can be stale.
         cache = os.path.join(tempfile.gettempdir(), f"gitfaas-discovery-{os.getpid()}-{id(self)}.json")
