@@ -64,7 +64,7 @@ class MessageValues:
         values: dict[str, str] = {}
         missing: list[str] = []
         for name in names:
-            value = self._value(name, ordinal)
+            value = self.value(name, ordinal)
             if value is None:
                 missing.append(name)
             else:
@@ -73,7 +73,7 @@ class MessageValues:
             raise MissingVariablesError(tuple(sorted(missing)))
         return values
 
-    def _value(self, name: str, ordinal: int) -> str | None:
+    def value(self, name: str, ordinal: int) -> str | None:
         if name in ("MESSAGE", "PAYLOAD"):
             if self._message is None:
                 self._message = base64.b64encode(self.body).decode("ascii")

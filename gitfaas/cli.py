@@ -98,6 +98,53 @@ def cmd_dead(args: argparse.Namespace) -> int:
     return _once(dead(settings, args.action, args.seq, args.all, args.json))
 
 
+def _params(pairs: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"gitfaas: -p takes name=value, not {pair!r}")
+        out.append((name, value))
+    return out
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from gitfaas.operator import publish
+
+    settings = _settings()
+    logs.configure("WARNING", settings.log_format)
+    if args.data == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        data = (args.data or "").encode()
+    return _once(publish(settings, args.topic, data, _params(args.param), args.wait, args.timeout))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from gitfaas.operator import status
+
+    settings = _settings()
+    logs.configure("WARNING", settings.log_format)
+    return _once(status(settings, args.request_id, args.json, args.tree))
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from gitfaas.authoring import validate
+
+    settings = _settings()
+    logs.configure("WARNING", settings.log_format)
+    return validate(settings, args.repo)
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from gitfaas.authoring import render
+
+    settings = _settings()
+    logs.configure("WARNING", settings.log_format)
+    message = sys.stdin.buffer.read() if args.message == "-" else (args.message or "").encode()
+    return render(settings, args.repo, args.topic, message, dict(_params(args.param)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gitfaas",
@@ -124,6 +171,49 @@ def build_parser() -> argparse.ArgumentParser:
     bridge.set_defaults(func=cmd_bridge)
     consumer = sub.add_parser("consumer", help="run the consumer (configured by environment, §8)")
     consumer.set_defaults(func=cmd_consumer)
+
+    publish = sub.add_parser(
+        "publish", help="publish a message on a topic straight to NATS, like the bridge does",
+        epilog="examples:\n  gitfaas publish timeToCollect 'hello'\n  echo '{\"a\": 1}' | gitfaas publish convert - "
+               "-p replicas=2 --wait",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    publish.add_argument("topic")
+    publish.add_argument("data", nargs="?", default="", help="the body; - reads standard input")
+    publish.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
+                         help="a template parameter (repeatable)")
+    publish.add_argument("--wait", action="store_true", help="wait until applied and print the status")
+    publish.add_argument("--timeout", type=float, default=60.0, help="seconds --wait waits (default 60)")
+    publish.set_defaults(func=cmd_publish)
+
+    status = sub.add_parser(
+        "status", help="a request's status document, readable",
+        epilog="examples:\n  gitfaas status 3f0c2a9e-…\n  gitfaas status 3f0c2a9e-… --tree\n"
+               "  gitfaas status 3f0c2a9e-… --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    status.add_argument("request_id")
+    status.add_argument("--json", action="store_true", help="print the JSON document")
+    status.add_argument("--tree", action="store_true", help="follow children (the rest of the pipeline run)")
+    status.set_defaults(func=cmd_status)
+
+    validate = sub.add_parser(
+        "validate", help="check a pipeline repository as the consumer would; exit 1 listing every problem",
+        epilog="examples:\n  gitfaas validate examples/pipeline\n  BANNED_KINDS='Secret Role' gitfaas validate .",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    validate.add_argument("repo", nargs="?", default=os.environ.get("GIT_URL") or ".",
+                          help="directory (checked as it is on disk) or git URL (default: GIT_URL or .)")
+    validate.set_defaults(func=cmd_validate)
+
+    render = sub.add_parser(
+        "render", help="print the documents a message on TOPIC would apply",
+        epilog="examples:\n  gitfaas render timeToCollect --repo examples/pipeline --message hello\n"
+               "  gitfaas render scale -p replicas=2",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    render.add_argument("topic")
+    render.add_argument("--repo", default=os.environ.get("GIT_URL") or ".", help="directory or git URL")
+    render.add_argument("--message", default="", help="the message body; - reads standard input")
+    render.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
+                        help="a template parameter (repeatable)")
+    render.set_defaults(func=cmd_render)
 
     replay = sub.add_parser(
         "replay", help="publish stored messages again as new requests linked to the originals",

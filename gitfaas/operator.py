@@ -1,4 +1,4 @@
-"""The operator commands of the CLI: replay and dead letters, printed for people.
+"""The operator commands of the CLI: publish, status, replay and dead letters, printed for people.
 
 Kept apart from `cli.py` (argument parsing) so each command is a plain coroutine that takes
 settings and returns an exit code.
@@ -9,15 +9,18 @@ from __future__ import annotations
 import json
 import re
 import sys
+import uuid
 from datetime import UTC, datetime, timedelta
-from typing import TextIO
+from typing import Any, TextIO
 
 from nats.aio.client import Client
 
 from gitfaas import natsconn
+from gitfaas.message import request_headers
 from gitfaas.replay import ReplayError, dead_letter, dead_letters, purge_dead, redrive, replay_request, replay_topic
 from gitfaas.settings import Settings
 from gitfaas.status import StatusStore
+from gitfaas.subjects import InvalidName, Subjects, check_topic
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -138,3 +141,93 @@ async def dead(settings: Settings, action: str, seq: int | None, all_: bool, as_
         return 2
     finally:
         await nc.close()
+
+
+async def publish(settings: Settings, topic: str, data: bytes, params: list[tuple[str, str]], wait: bool,
+                  timeout: float, out: TextIO = sys.stdout) -> int:
+    """Publish like the bridge does, straight to JetStream (no configuration check: NATS has none)."""
+    try:
+        check_topic(topic)
+        request_id = str(uuid.uuid4())
+        headers = request_headers(request_id, params)
+    except InvalidName as exc:
+        print(f"gitfaas publish: {exc}", file=sys.stderr)
+        return 2
+    nc = await _connect(settings)
+    try:
+        js = nc.jetstream()
+        ack = await js.publish(Subjects(settings.subject_prefix).topic(topic), data, headers=headers,
+                               stream=settings.stream)
+        print(json.dumps({"request_id": request_id, "topic": topic, "stream_seq": ack.seq}), file=out)
+        if not wait:
+            return 0
+        _config, requests = await natsconn.ensure_buckets(js, settings)
+        reached, document = await StatusStore(requests).wait(
+            request_id, lambda d: d.get("state") not in (None, "pending"), timeout)
+        if document is not None:
+            print_status(document, out)
+        if not reached:
+            print(f"gitfaas publish: not applied within {timeout:.0f}s", file=sys.stderr)
+            return 1
+        return 0 if document and document.get("state") != "dead" else 1
+    finally:
+        await nc.close()
+
+
+def print_status(document: dict[str, Any], out: TextIO, indent: str = "") -> None:
+    line = (f"{indent}{document.get('request_id')}  {document.get('state', '?'):<9} topic {document.get('topic')}"
+            f"  seq {document.get('stream_seq')}  attempts {document.get('attempts')}")
+    print(line, file=out)
+    if not indent:
+        print(f"  commit   {document.get('commit') or '-'}\n  parent   {document.get('parent') or '-'}", file=out)
+    if document.get("error"):
+        print(f"{indent}  error    {document['error']}", file=out)
+    for entry in document.get("documents", []):
+        where = f"{entry.get('namespace')}/{entry.get('name')}" if entry.get("namespace") else entry.get("name")
+        reason = f"  ({entry['reason']})" if entry.get("reason") else ""
+        print(f"{indent}  {entry.get('kind')} {where}  {entry.get('state')}{reason}", file=out)
+    responses = [r for r in document.get("responses", []) if r is not None]
+    if responses and not indent:
+        print(f"  responses {json.dumps(document.get('responses'))}", file=out)
+
+
+async def status(settings: Settings, request_id: str, as_json: bool, tree: bool,
+                 out: TextIO = sys.stdout) -> int:
+    nc = await _connect(settings)
+    try:
+        _config, requests = await natsconn.ensure_buckets(nc.jetstream(), settings)
+        store = StatusStore(requests)
+        document = await store.get(request_id)
+        if document is None:
+            print(f"gitfaas status: request {request_id} is unknown or its status has expired", file=sys.stderr)
+            return 1
+        if tree:
+            document = await _with_children(store, document, depth=0)
+        if as_json:
+            print(json.dumps(document, indent=2), file=out)
+        else:
+            _print_tree(document, out, "")
+        return 0
+    finally:
+        await nc.close()
+
+
+async def _with_children(store: StatusStore, document: dict[str, Any], depth: int) -> dict[str, Any]:
+    """The lineage below a request, as nested documents (bounded, in case of a cycle)."""
+    if depth >= 20:
+        return document
+    nested = []
+    for child_id in document.get("children", []):
+        child = await store.get(child_id)
+        nested.append(await _with_children(store, child, depth + 1) if child else {"request_id": child_id,
+                                                                                     "state": "expired"})
+    return {**document, "children": nested}
+
+
+def _print_tree(document: dict[str, Any], out: TextIO, indent: str) -> None:
+    print_status(document, out, indent)
+    for child in document.get("children", []):
+        if isinstance(child, dict):
+            _print_tree(child, out, indent + "  └─ " if not indent else "     " + indent)
+        elif not indent:
+            print(f"  child    {child}", file=out)

@@ -226,14 +226,14 @@ class Emulator(kmock.KubernetesEmulator, _DirectDispatch):
     # --- request handling ------------------------------------------------------------------------------
     def _direct_handler(self, request: kmock.Request) -> Any:
         if len(self._payloads) != self._builtin_reactions or request.resource is None:
-            return None  # user reactions must get their chance; non-resource URLs: discovery etc.
+            return None  # user reactions must get their chance
         if request.resource.plural is None:
-            return None
+            return None  # discovery: /api/v1, /apis/batch/v1 (few requests: clients cache discovery)
         return {
             kmock.action.LIST: self._serve_list, kmock.action.WATCH: self._serve_watch,
             kmock.action.FETCH: self._serve_fetch, kmock.action.CREATE: self._serve_create,
             kmock.action.UPDATE: self._serve_update, kmock.action.DELETE: self._serve_delete,
-        }.get(request.action) if request.action is not None else None
+        }.get(request.action)  # type: ignore[call-overload]
 
     def _next_rv(self) -> str:
         self._rv += 1
@@ -340,7 +340,7 @@ class Emulator(kmock.KubernetesEmulator, _DirectDispatch):
             else:
                 old, new = obj.raw, body
                 new_meta = new.setdefault("metadata", {})
-                new_meta.update({k: v for k, v in old["metadata"].items() if k in SERVER_METADATA})
+                new_meta.update({k: v for k, v in (old.get("metadata") or {}).items() if k in SERVER_METADATA})
                 if "status" in old and "status" not in new:
                     new["status"] = copy.deepcopy(old["status"])
                 if new.get("spec") != old.get("spec"):
@@ -355,6 +355,30 @@ class Emulator(kmock.KubernetesEmulator, _DirectDispatch):
                 obj.history.append(new)
             event = "MODIFIED" if alive else "ADDED"
             await self._buses[request.resource].put({"type": event, "object": self.objects[key].raw})
+
+    # kmock finds a single object by scanning all objects; these are dict lookups by the same key.
+    def _stored(self, request: kmock.Request) -> kmock.Object:
+        data = request.data if isinstance(request.data, Mapping) else {}
+        meta = (data.get("metadata") or {}) if request.action == kmock.action.CREATE else {}
+        key = (request.resource, request.namespace or meta.get("namespace"), request.name or meta.get("name"))
+        if key not in self.objects:
+            raise kmock.KubernetesObjectNotFoundError()
+        return self.objects[key]
+
+    async def _serve_fetch(self, request: kmock.Request) -> kmock.Payload:
+        obj = self._stored(request)
+        if obj.deleted:
+            raise kmock.KubernetesObjectNotFoundError()
+        return obj.raw
+
+    async def _serve_create(self, request: kmock.Request) -> kmock.Payload:
+        return self._stored(request).last.raw
+
+    async def _serve_update(self, request: kmock.Request) -> kmock.Payload:
+        return self._stored(request).last.raw  # the last state even if just released & garbage-collected
+
+    async def _serve_delete(self, request: kmock.Request) -> kmock.Payload:
+        return self._stored(request).last.raw
 
     def _select(self, request: kmock.Request, selector: Selector) -> list[dict[str, Any]]:
         return [
@@ -396,9 +420,10 @@ class Emulator(kmock.KubernetesEmulator, _DirectDispatch):
             initial = self._select(request, selector)
         try:
             yield b""  # send the headers now: the client is "connected" only once subscribed
-            seen: set[tuple[str | None, str]] = set()
+            seen: set[tuple[str | None, str | None]] = set()
             for obj in initial:
-                seen.add((obj["metadata"].get("namespace"), obj["metadata"]["name"]))
+                meta = obj.get("metadata") or {}
+                seen.add((meta.get("namespace"), meta.get("name")))
                 yield {"type": "ADDED", "object": obj}
             stream = aiter(bus.stream(since=marker))
             while True:

@@ -1,0 +1,414 @@
+"""`local`: run each `batch/v1` Job's containers as processes on this machine (§10).
+
+For trying a pipeline with no cluster at all. A Job is "accepted" when its first attempt is
+started in a background task, as an API server accepts it, and its outcome is reported through
+`JobEvents` as the `kubernetes` executor does. What the caller must know:
+
+- `image` is never pulled: `command` + `args` run here, so the command must exist on this machine.
+  A container without `command` cannot run (there is no image entrypoint to fall back on).
+- The environment is NOT inherited: gitfaas itself holds secrets (`GIT_PERSONAL_TOKEN`,
+  `BRIDGE_TOKEN`, `NATS_PASSWORD`...). A process gets only `BASE_ENV` (when set here), then
+  `GITFAAS_JOB_NAME`, `GITFAAS_REPO` (the absolute path of `GIT_URL` when that is a local
+  directory, as it is on disk, not as of the commit being served), `GITFAAS_VOLUME_<NAME>` per
+  volume, then the container's `env` entries with a plain `value` (`valueFrom` is skipped).
+- Volumes are folders, named by `GITFAAS_VOLUME_<NAME>` (`mountPath` is ignored): an `emptyDir`
+  (or any unknown kind) is a fresh temporary folder for the Job's run, removed afterwards; a
+  `persistentVolumeClaim` is `<state_dir>/volumes/<claimName>`, kept and shared by every Job using
+  that claim (how pipeline steps hand files on); a `hostPath` is `<state_dir>/volumes/hostpath-…`,
+  never the real host path.
+- A Job runs once per (namespace, name): a redelivered message re-applies the same name, and the
+  marker `<state_dir>/jobs/<namespace>/<name>` (JSON, with the outcome once known) keeps that
+  true across restarts. A Job interrupted by `close()` is reported failed and not run again.
+- A container that cannot start (no command, command not found) fails the Job at once: retrying
+  cannot help. Other failures are retried up to `backoffLimit`; `restartPolicy` is not consulted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from consumer.errors import PermanentError, TransientError
+from consumer.executors import Applied, JobEvent, JobEvents, NoJobEvents
+from gitfaas.logs import get_logger
+from gitfaas.settings import Settings
+
+log = get_logger("gitfaas.executor.local")
+
+DEFAULT_BACKOFF_LIMIT = 6  # as in Kubernetes
+DEADLINE_KILL_GRACE_SECONDS = 2.0  # SIGTERM, then SIGKILL after this
+CLOSE_KILL_GRACE_SECONDS = 3.0
+MAX_RETRY_PAUSE_SECONDS = 2.0
+OUTPUT_DRAIN_SECONDS = 2.0  # after exit, for output still in the pipe
+MAX_LINE_BYTES = 65536
+BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
+REQUEST_ID_KEY = "gitfaas.io/request-id"
+SKIPPED = "skipped (the local executor runs only batch/v1 Jobs)"
+_REFERENCE = re.compile(r"\$(\$|\(([^)]*)\))")
+
+
+def expand(text: str, env: Mapping[str, str]) -> str:
+    """Kubernetes' `$(VAR)` expansion: `$$` is a literal `$`, an unknown `$(VAR)` stays as written."""
+
+    def one(match: re.Match[str]) -> str:
+        if match.group(1) == "$":
+            return "$"
+        return env.get(match.group(2), match.group(0))
+
+    return _REFERENCE.sub(one, text)
+
+
+def volume_variable(name: str) -> str:
+    return "GITFAAS_VOLUME_" + re.sub(r"[-.]", "_", name.upper())
+
+
+def _safe(part: str) -> str:
+    """One path component from a name we do not control: no `/`, never `.` or `..`."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", part).strip(".") or "_"
+
+
+def _local_repo(git_url: str) -> str | None:
+    if not git_url or "://" in git_url:
+        return None
+    path = Path(git_url).expanduser()
+    return str(path.resolve()) if path.is_dir() else None
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+def _killpg(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def _save(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(record))
+    os.replace(partial, path)
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+class _CannotRun(Exception):
+    """The Job can never succeed here (no command, command not found): fail without retrying."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    applied: Applied
+    request_id: str
+    pod: dict[str, Any]
+    backoff_limit: int
+    active_deadline: float | None
+    marker: Path
+
+    @property
+    def name(self) -> str:
+        return self.applied.name
+
+
+@dataclass(frozen=True, slots=True)
+class _Container:
+    name: str
+    prefix: str  # of its output lines
+    argv: list[str]
+    env: dict[str, str]
+
+
+class LocalExecutor:
+    def __init__(self, settings: Settings, out: TextIO | None = None) -> None:
+        self._settings = settings
+        self._out = out if out is not None else sys.stdout
+        self._state = Path(settings.state_dir).expanduser().absolute()  # processes run elsewhere
+        self._repo = _local_repo(settings.git_url)
+        self._events: JobEvents = NoJobEvents()
+        self._admitted: dict[tuple[str, str], asyncio.Task[Applied]] = {}
+        self._running: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    # ---- Executor protocol -------------------------------------------------------------------
+
+    async def start(self, events: JobEvents) -> None:
+        self._events = events
+
+    async def apply(self, document: dict[str, Any]) -> Applied:
+        metadata = document.get("metadata") or {}
+        api_version, kind, name = document.get("apiVersion", ""), document.get("kind", ""), metadata["name"]
+        if (api_version, kind) != ("batch/v1", "Job"):
+            self._say(f"{kind}/{name}", SKIPPED)
+            return Applied(api_version=api_version, kind=kind, namespace=metadata.get("namespace"), name=name)
+        if self._closing:
+            raise TransientError("the local executor is shutting down")
+        job = self._job(document)
+        key = (job.applied.namespace or "", name)
+        admission = self._admitted.get(key)
+        if admission is None:  # registered before any await: a concurrent re-apply finds it
+            admission = self._admitted[key] = asyncio.create_task(self._admit(job))
+        elif admission.done() and not admission.exception():
+            self._say(name, "already applied: not run again")
+        try:
+            return await asyncio.shield(admission)
+        except OSError as exc:
+            self._admitted.pop(key, None)  # nothing started: a later apply may try again
+            raise TransientError(f"cannot record Job {name} under {self._state}: {exc}") from None
+
+    async def close(self) -> None:
+        """Kill what runs (SIGTERM, SIGKILL after a grace) and wait, so no process outlives us."""
+        self._closing = True
+        tasks = list(self._running)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, *self._admitted.values(), return_exceptions=True)
+
+    async def wait_idle(self, timeout: float) -> None:
+        """Until no Job is running (tests, shutdown); TimeoutError if that takes longer."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._running:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"{len(self._running)} local Job(s) still running after {timeout}s")
+            await asyncio.wait(set(self._running), timeout=remaining)
+
+    # ---- admission ---------------------------------------------------------------------------
+
+    def _job(self, document: dict[str, Any]) -> _Job:
+        """What a Job needs to run; a malformed one is refused, as the API server would."""
+        metadata, spec = document["metadata"], document.get("spec") or {}
+        name = metadata["name"]
+        namespace = metadata.get("namespace") or self._settings.kube_namespace
+        pod = ((spec.get("template") or {}).get("spec")) or {}
+        containers = pod.get("containers")
+        if not isinstance(containers, list) or not containers:
+            raise PermanentError(f"Job {name} has no spec.template.spec.containers")
+        for container in [*(pod.get("initContainers") or []), *containers]:
+            if not isinstance(container, dict) or not container.get("name"):
+                raise PermanentError(f"Job {name}: every container needs a name")
+        backoff_limit = spec.get("backoffLimit", DEFAULT_BACKOFF_LIMIT)
+        deadline = spec.get("activeDeadlineSeconds")
+        if isinstance(backoff_limit, bool) or not isinstance(backoff_limit, int) or backoff_limit < 0:
+            raise PermanentError(f"Job {name}: backoffLimit must be a whole number >= 0")
+        if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, int) or deadline <= 0):
+            raise PermanentError(f"Job {name}: activeDeadlineSeconds must be a whole number > 0")
+        request_id = (metadata.get("annotations") or {}).get(REQUEST_ID_KEY) or \
+            (metadata.get("labels") or {}).get(REQUEST_ID_KEY, "")
+        return _Job(
+            applied=Applied(api_version="batch/v1", kind="Job", namespace=namespace, name=name, uid=str(uuid.uuid4())),
+            request_id=request_id, pod=pod, backoff_limit=backoff_limit,
+            active_deadline=float(deadline) if deadline is not None else None,
+            marker=self._state / "jobs" / _safe(namespace) / _safe(name),
+        )
+
+    async def _admit(self, job: _Job) -> Applied:
+        """Start the Job unless a marker says it ran already (in this process or an earlier one)."""
+        record = await asyncio.to_thread(_load, job.marker)
+        if record is not None:
+            self._say(job.name, "already applied: not run again")
+            return Applied(api_version="batch/v1", kind="Job", namespace=record.get("namespace"),
+                           name=record.get("name", job.name), uid=record.get("uid"))
+        applied = job.applied
+        await asyncio.to_thread(_save, job.marker, {
+            "namespace": applied.namespace, "name": applied.name, "uid": applied.uid,
+            "request_id": job.request_id, "state": "applied", "reason": None})
+        if self._closing:
+            raise TransientError("the local executor is shutting down")
+        task = asyncio.create_task(self._run(job), name=f"local-job-{applied.namespace}/{applied.name}")
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        return applied
+
+    # ---- one Job -----------------------------------------------------------------------------
+
+    async def _run(self, job: _Job) -> None:
+        """All attempts, then the outcome: printed, reported and recorded in the marker."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        state, reason = "failed", "Interrupted: the local executor stopped while the Job ran"
+        try:
+            async with self._volumes(job) as volumes:
+                failure = await self._attempts(job, volumes)
+            state, reason = ("succeeded", None) if failure is None else ("failed", failure)
+        except Exception as exc:  # noqa: BLE001 — a bug here must still end the Job with a report
+            log.exception("local job crashed", job=job.name)
+            reason = f"local executor error: {type(exc).__name__}: {exc}"
+        finally:  # also when cancelled by close(): the Job did not finish
+            elapsed = loop.time() - started
+            self._say(job.name, f"succeeded in {elapsed:.1f}s" if state == "succeeded" else f"failed: {reason}")
+            await self._report(job, state, reason)
+            record = {"namespace": job.applied.namespace, "name": job.name, "uid": job.applied.uid,
+                      "request_id": job.request_id, "state": state, "reason": reason}
+            try:
+                await asyncio.to_thread(_save, job.marker, record)
+            except OSError as exc:
+                log.warning("local job outcome not recorded", job=job.name, error=str(exc))
+
+    async def _attempts(self, job: _Job, volumes: dict[str, str]) -> str | None:
+        """None on success, else the failure reason (`BackoffLimitExceeded: …`, `DeadlineExceeded: …`)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + job.active_deadline if job.active_deadline is not None else None
+        try:
+            async with asyncio.timeout_at(deadline):  # wall time of the whole Job, retries included
+                containers = self._containers(job, volumes)
+                attempt = 0
+                while True:
+                    attempt += 1
+                    self._say(job.name, f"started (attempt {attempt})")
+                    if attempt == 1:
+                        await self._report(job, "running", None)
+                    failure = await self._attempt(job, containers)
+                    if failure is None:
+                        return None
+                    if attempt > job.backoff_limit:
+                        return f"BackoffLimitExceeded: {failure} ({attempt} attempts)"
+                    self._say(job.name, f"attempt {attempt} failed: {failure}")
+                    await asyncio.sleep(min(MAX_RETRY_PAUSE_SECONDS, 0.1 * 2 ** (attempt - 1)))
+        except _CannotRun as exc:
+            return str(exc)
+        except TimeoutError:
+            return f"DeadlineExceeded: the Job ran longer than activeDeadlineSeconds ({job.active_deadline:g}s)"
+
+    def _containers(self, job: _Job, volumes: dict[str, str]) -> tuple[list[_Container], list[_Container]]:
+        """(init containers, containers), argv and environment resolved once for all attempts."""
+        init, main = job.pod.get("initContainers") or [], job.pod["containers"]
+        several = len(init) + len(main) > 1
+        base = {key: os.environ[key] for key in BASE_ENV if key in os.environ}
+        base["GITFAAS_JOB_NAME"] = job.name
+        if self._repo:
+            base["GITFAAS_REPO"] = self._repo
+        base.update(volumes)
+
+        def resolve(spec: dict[str, Any]) -> _Container:
+            name = str(spec["name"])
+            prefix = f"{job.name}/{name}" if several else job.name
+            env = dict(base)
+            for entry in spec.get("env") or []:
+                if "valueFrom" in entry:
+                    self._say(prefix, f"warning: env {entry.get('name')} uses valueFrom, which the local executor "
+                                      "does not support: skipped")
+                    log.warning("env valueFrom skipped", job=job.name, container=name, variable=entry.get("name"))
+                    continue
+                value = entry.get("value")
+                env[str(entry["name"])] = expand("" if value is None else str(value), env)
+            if not spec.get("command"):
+                raise _CannotRun(f"container {name} has no command (the local executor cannot run an image's "
+                                 "entrypoint)")
+            argv = [expand(str(arg), env) for arg in [*spec["command"], *(spec.get("args") or [])]]
+            return _Container(name=name, prefix=prefix, argv=argv, env=env)
+
+        return [resolve(spec) for spec in init], [resolve(spec) for spec in main]
+
+    async def _attempt(self, job: _Job, containers: tuple[list[_Container], list[_Container]]) -> str | None:
+        """Init containers in order, then all containers at once; None when every one exits 0."""
+        init, main = containers
+        workdir = await asyncio.to_thread(tempfile.mkdtemp, prefix=f"gitfaas-{_safe(job.name)}-")
+        try:
+            for container in init:
+                failure = await self._process(container, workdir)
+                if failure is not None:
+                    return failure
+            async with asyncio.TaskGroup() as group:
+                runs = [group.create_task(self._process(container, workdir)) for container in main]
+            return next((failure for run in runs if (failure := run.result()) is not None), None)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, workdir, True)
+
+    async def _process(self, container: _Container, workdir: str) -> str | None:
+        """Run one container's process in its own process group; kill the group however it ends."""
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *container.argv, cwd=workdir, env=container.env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+        except FileNotFoundError:
+            raise _CannotRun(f"command not found: {container.argv[0]}") from None
+        except PermissionError:
+            raise _CannotRun(f"command not executable: {container.argv[0]}") from None
+        assert process.stdout is not None
+        output = asyncio.create_task(self._pump(process.stdout, container.prefix))
+        try:
+            code = await process.wait()
+        finally:
+            if process.returncode is None:  # cancelled: deadline or close()
+                grace = CLOSE_KILL_GRACE_SECONDS if self._closing else DEADLINE_KILL_GRACE_SECONDS
+                _killpg(process.pid, signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(process.wait(), grace)
+                except TimeoutError:
+                    _killpg(process.pid, signal.SIGKILL)
+                    await process.wait()
+            _killpg(process.pid, signal.SIGKILL)  # whatever it started and left behind
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(output, OUTPUT_DRAIN_SECONDS)
+        return None if code == 0 else f"container {container.name} {_exit_text(code)}"
+
+    async def _pump(self, stream: asyncio.StreamReader, prefix: str) -> None:
+        """Output line by line as it comes; an endless line is cut rather than buffered whole."""
+        pending = b""
+        while chunk := await stream.read(MAX_LINE_BYTES):
+            *lines, pending = (pending + chunk).split(b"\n")
+            if len(pending) >= MAX_LINE_BYTES:
+                lines, pending = [*lines, pending], b""
+            for line in lines:
+                self._say(prefix, line.decode(errors="replace").rstrip("\r"))
+        if pending:
+            self._say(prefix, pending.decode(errors="replace").rstrip("\r"))
+
+    @contextlib.asynccontextmanager
+    async def _volumes(self, job: _Job) -> AsyncIterator[dict[str, str]]:
+        """`GITFAAS_VOLUME_<NAME>` → folder; the temporary ones are removed when the Job ends."""
+        variables: dict[str, str] = {}
+        temporary: list[str] = []
+        try:
+            for volume in job.pod.get("volumes") or []:
+                claim = (volume.get("persistentVolumeClaim") or {}).get("claimName")
+                host_path = (volume.get("hostPath") or {}).get("path")
+                if claim:
+                    path = str(self._state / "volumes" / _safe(str(claim)))
+                elif host_path:
+                    flat = re.sub(r"[^A-Za-z0-9._-]+", "-", str(host_path).strip("/")) or "root"
+                    path = str(self._state / "volumes" / f"hostpath-{flat}")
+                else:
+                    path = await asyncio.to_thread(tempfile.mkdtemp, prefix=f"gitfaas-{_safe(job.name)}-volume-")
+                    temporary.append(path)
+                await asyncio.to_thread(os.makedirs, path, exist_ok=True)
+                variables[volume_variable(str(volume["name"]))] = path
+            yield variables
+        finally:
+            for path in temporary:
+                await asyncio.to_thread(shutil.rmtree, path, True)
+
+    # ---- reporting ---------------------------------------------------------------------------
+
+    async def _report(self, job: _Job, state: str, reason: str | None) -> None:
+        event = JobEvent(request_id=job.request_id, kind="Job", namespace=job.applied.namespace, name=job.name,
+                         state=state, reason=reason)
+        try:
+            await self._events.job_changed(event)
+        except Exception as exc:  # noqa: BLE001 — a lost status update must not stop the Job
+            log.warning("job event not delivered", job=job.name, state=state, error=str(exc) or type(exc).__name__)
+
+    def _say(self, prefix: str, text: str) -> None:
+        self._out.write(f"[{prefix}] {text}\n")
+        self._out.flush()
