@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--repo", default=os.environ.get("GIT_URL") or ".",
                     help="repository: local directory, file://, https or ssh URL (default: GIT_URL or .)")
     up.add_argument("--executor", choices=["local", "dry-run", "kubernetes"], default=None,
-                    help="how documents are applied (default: EXECUTOR, else dry-run)")
+                    help="how documents are applied (default: local — Jobs run as processes here)")
     up.add_argument("--port", type=int, default=None, help="bridge HTTP port (default 5000)")
     up.add_argument("--state-dir", default=".gitfaas", help="where NATS keeps its data (default .gitfaas)")
     up.set_defaults(func=cmd_up)

@@ -26,7 +26,8 @@ async def up(settings: Settings, *, repo: str, executor: str | None, port: int |
     settings = settings.replace(
         nats_url=nats_server.url,
         git_url=repo,
-        executor=executor or (settings.executor if settings.executor != "kubernetes" else "dry-run"),
+        executor=executor or "local",
+        state_dir=str(state_dir),
         bridge_host="127.0.0.1",
         bridge_port=bridge_port,
         bridge_url=f"http://127.0.0.1:{bridge_port}",

@@ -8,12 +8,17 @@ Production code talks to it over real HTTP exactly as to a cluster (kubeconfig �
 * ``kind: <Kind>List`` / ``apiVersion`` on lists (the dynamic client raises ``KeyError: 'kind'``);
 * ``labelSelector`` / ``fieldSelector`` on lists & watches;
 * server-populated metadata (uid, resourceVersion, creationTimestamp, generation, namespace);
-* a race-free watch start (kmock subscribes to its event bus only after replaying existing objects);
+* a race-free watch start (kmock subscribes to its event bus only after replaying existing objects),
+  ``watch=True`` as sent by kubernetes_asyncio (kmock knows only ``watch=true``), ``timeoutSeconds``;
+* speed: kmock's DSL matching is O(recorded requests) per request (≈40 → 3 applies/s after a few hundred),
+  so resource requests bypass it while no test-defined kmock reactions exist (``_DirectDispatch``);
 * fault injection for robustness tests.
 
 Apply semantics are "one field manager owns everything": the applied manifest replaces the object's
 content (so removed labels disappear), while server-populated metadata and ``status`` are preserved.
 Re-applying an identical manifest is a no-op (no resourceVersion bump, no watch event), as in a cluster.
+Not emulated: managedFields/conflicts, dryRun, resourceVersion preconditions, JSON patches, and Namespace
+objects themselves (kmock's path parser reads ``/api/v1/namespaces/x`` as a namespace, not an object).
 """
 from __future__ import annotations
 

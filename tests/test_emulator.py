@@ -55,9 +55,10 @@ async def outcome(call: Awaitable[Any]) -> tuple[int, dict[str, Any]]:
     """
     The HTTP status & body of a dynamic-client call, however the client reports an error.
 
-    kubernetes_asyncio 36.1 DynamicClient requests with ``_preload_content=False``, so error responses do
-    NOT raise: the ``Status`` comes back as a ResourceInstance (fixed upstream by tomplus/kubernetes_asyncio
-    PR #402, not yet released). Production code must check ``result.kind == "Status"`` itself.
+    kubernetes_asyncio 36.1.0's DynamicClient requests with ``_preload_content=False`` and its REST client
+    checks the status only when preloading, so errors do NOT raise: the ``Status`` comes back as a
+    ResourceInstance (tomplus/kubernetes_asyncio PR #402 addresses it; the installed 36.1.0 lacks the fix).
+    Production code must check ``result.kind == "Status"`` itself; this helper accepts either behaviour.
     """
     try:
         result = (await call).to_dict()

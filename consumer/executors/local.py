@@ -107,9 +107,12 @@ def _save(path: Path, record: dict[str, Any]) -> None:
 
 def _load(path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except FileNotFoundError:
         return None
+    except ValueError:  # present but unreadable: it was applied, and running twice is the worse error
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 class _CannotRun(Exception):
@@ -167,12 +170,15 @@ class LocalExecutor:
         admission = self._admitted.get(key)
         if admission is None:  # registered before any await: a concurrent re-apply finds it
             admission = self._admitted[key] = asyncio.create_task(self._admit(job))
-        elif admission.done() and not admission.exception():
+        else:
             self._say(name, "already applied: not run again")
         try:
             return await asyncio.shield(admission)
-        except OSError as exc:
-            self._admitted.pop(key, None)  # nothing started: a later apply may try again
+        except (OSError, TransientError) as exc:
+            if self._admitted.get(key) is admission:
+                self._admitted.pop(key)  # nothing started: a later apply may try again
+            if isinstance(exc, TransientError):
+                raise
             raise TransientError(f"cannot record Job {name} under {self._state}: {exc}") from None
 
     async def close(self) -> None:
@@ -227,13 +233,14 @@ class LocalExecutor:
         record = await asyncio.to_thread(_load, job.marker)
         if record is not None:
             self._say(job.name, "already applied: not run again")
-            return Applied(api_version="batch/v1", kind="Job", namespace=record.get("namespace"),
+            return Applied(api_version="batch/v1", kind="Job", namespace=record.get("namespace", job.applied.namespace),
                            name=record.get("name", job.name), uid=record.get("uid"))
         applied = job.applied
         await asyncio.to_thread(_save, job.marker, {
             "namespace": applied.namespace, "name": applied.name, "uid": applied.uid,
             "request_id": job.request_id, "state": "applied", "reason": None})
-        if self._closing:
+        if self._closing:  # close() began meanwhile: leave the Job to a redelivery
+            await asyncio.to_thread(job.marker.unlink, missing_ok=True)
             raise TransientError("the local executor is shutting down")
         task = asyncio.create_task(self._run(job), name=f"local-job-{applied.namespace}/{applied.name}")
         self._running.add(task)
@@ -251,7 +258,7 @@ class LocalExecutor:
             async with self._volumes(job) as volumes:
                 failure = await self._attempts(job, volumes)
             state, reason = ("succeeded", None) if failure is None else ("failed", failure)
-        except Exception as exc:  # noqa: BLE001 — a bug here must still end the Job with a report
+        except Exception as exc:  # a bug here must still end the Job with a report
             log.exception("local job crashed", job=job.name)
             reason = f"local executor error: {type(exc).__name__}: {exc}"
         finally:  # also when cancelled by close(): the Job did not finish
@@ -329,38 +336,62 @@ class LocalExecutor:
                 failure = await self._process(container, workdir)
                 if failure is not None:
                     return failure
-            async with asyncio.TaskGroup() as group:
-                runs = [group.create_task(self._process(container, workdir)) for container in main]
+            try:
+                async with asyncio.TaskGroup() as group:
+                    runs = [group.create_task(self._process(container, workdir)) for container in main]
+            except ExceptionGroup as errors:  # one could not start: the others were stopped
+                cannot = [error for error in errors.exceptions if isinstance(error, _CannotRun)]
+                if cannot:
+                    raise cannot[0] from None
+                raise
             return next((failure for run in runs if (failure := run.result()) is not None), None)
         finally:
-            await asyncio.to_thread(shutil.rmtree, workdir, True)
+            await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
 
     async def _process(self, container: _Container, workdir: str) -> str | None:
-        """Run one container's process in its own process group; kill the group however it ends."""
+        """Run one container's process in its own process group; kill the group however it ends.
+
+        Output goes through a pipe of our own rather than asyncio's: asyncio's `wait()` returns
+        only once its pipes close, so a background child still holding them would hang us.
+        """
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        read_fd, write_fd = os.pipe()
+        pipe = os.fdopen(read_fd, "rb", buffering=0)
         try:
-            process = await asyncio.create_subprocess_exec(
-                *container.argv, cwd=workdir, env=container.env, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
-        except FileNotFoundError:
-            raise _CannotRun(f"command not found: {container.argv[0]}") from None
-        except PermissionError:
-            raise _CannotRun(f"command not executable: {container.argv[0]}") from None
-        assert process.stdout is not None
-        output = asyncio.create_task(self._pump(process.stdout, container.prefix))
+            transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+        except BaseException:
+            pipe.close()
+            os.close(write_fd)
+            raise
         try:
-            code = await process.wait()
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    *container.argv, cwd=workdir, env=container.env, stdin=asyncio.subprocess.DEVNULL,
+                    stdout=write_fd, stderr=write_fd, start_new_session=True)
+            except FileNotFoundError:
+                raise _CannotRun(f"command not found: {container.argv[0]}") from None
+            except PermissionError:
+                raise _CannotRun(f"command not executable: {container.argv[0]}") from None
+            finally:
+                os.close(write_fd)  # the child has it: end of output is when its last holder exits
+            output = asyncio.create_task(self._pump(reader, container.prefix))
+            try:
+                code = await process.wait()
+            finally:
+                if process.returncode is None:  # cancelled: deadline or close()
+                    grace = CLOSE_KILL_GRACE_SECONDS if self._closing else DEADLINE_KILL_GRACE_SECONDS
+                    _killpg(process.pid, signal.SIGTERM)
+                    try:
+                        await asyncio.wait_for(process.wait(), grace)
+                    except TimeoutError:
+                        _killpg(process.pid, signal.SIGKILL)
+                        await process.wait()
+                _killpg(process.pid, signal.SIGKILL)  # whatever it started and left behind
+                with contextlib.suppress(TimeoutError):  # a child that left the group may hold the pipe
+                    await asyncio.wait_for(output, OUTPUT_DRAIN_SECONDS)
         finally:
-            if process.returncode is None:  # cancelled: deadline or close()
-                grace = CLOSE_KILL_GRACE_SECONDS if self._closing else DEADLINE_KILL_GRACE_SECONDS
-                _killpg(process.pid, signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(process.wait(), grace)
-                except TimeoutError:
-                    _killpg(process.pid, signal.SIGKILL)
-                    await process.wait()
-            _killpg(process.pid, signal.SIGKILL)  # whatever it started and left behind
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(output, OUTPUT_DRAIN_SECONDS)
+            transport.close()
         return None if code == 0 else f"container {container.name} {_exit_text(code)}"
 
     async def _pump(self, stream: asyncio.StreamReader, prefix: str) -> None:
@@ -397,7 +428,7 @@ class LocalExecutor:
             yield variables
         finally:
             for path in temporary:
-                await asyncio.to_thread(shutil.rmtree, path, True)
+                await asyncio.to_thread(shutil.rmtree, path, ignore_errors=True)
 
     # ---- reporting ---------------------------------------------------------------------------
 
