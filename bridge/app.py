@@ -30,7 +30,7 @@ from gitfaas.message import request_headers
 from gitfaas.metrics import json_error, metrics_view
 from gitfaas.replay import ReplayError, replay_request
 from gitfaas.settings import Settings
-from gitfaas.status import StatusStore
+from gitfaas.status import StatusStore, set_response
 from gitfaas.subjects import (
     CONFIG_KEY,
     HEADER_PARENT,
@@ -156,6 +156,8 @@ class Bridge:
         app.router.add_post("/publish/{topic}", self.publish)
         app.router.add_get("/requests/{request_id}", self.request_status)
         app.router.add_post("/requests/{request_id}/replay", self.replay)
+        app.router.add_post("/response/{function_uid}", self.post_response)
+        app.router.add_get("/response/{request_id}", self.get_responses)
         app.router.add_get("/topics", self.topics)
         app.router.add_route("GET", "/refresh", self.refresh)
         app.router.add_route("POST", "/refresh", self.refresh)
@@ -305,6 +307,45 @@ class Bridge:
         except NATS_UNAVAILABLE as exc:
             return json_error(503, f"JetStream did not store the replay: {type(exc).__name__}")
         return web.json_response({**republished.as_dict(), "duplicate": False}, status=202)
+
+    async def post_response(self, request: web.Request) -> web.Response:
+        """A function stores its result under its FUNCTION_UID (text, or JSON when declared)."""
+        function_uid = request.match_info["function_uid"]
+        if self.status is None or self.nc is None or not self.nc.is_connected:
+            return json_error(503, "NATS is unavailable")
+        body = await request.read()
+        value: Any
+        if request.content_type == "application/json" or request.content_type.endswith("+json"):
+            try:
+                value = json.loads(body or b"null")
+            except (ValueError, UnicodeDecodeError) as exc:
+                return json_error(400, f"body is not valid JSON: {exc}")
+        else:
+            value = body.decode("utf-8", errors="replace")
+        stored: list[bool] = []
+        try:
+            request_id = await self.status.request_of_function(function_uid)
+            if request_id is not None:
+                await self.status.update(request_id, lambda d: stored.append(set_response(d, function_uid, value)))
+        except NATS_UNAVAILABLE:
+            return json_error(503, "the status store is unavailable")
+        if request_id is None or not any(stored):
+            return json_error(404, f"function uid {function_uid} is unknown (or its request has expired)")
+        return web.json_response({"request_id": request_id, "function_uid": function_uid, "stored": True})
+
+    async def get_responses(self, request: web.Request) -> web.Response:
+        request_id = request.match_info["request_id"]
+        if self.status is None or self.nc is None or not self.nc.is_connected:
+            return json_error(503, "NATS is unavailable")
+        try:
+            document = await self.status.get(request_id)
+        except NATS_UNAVAILABLE:
+            return json_error(503, "the status store is unavailable")
+        if document is None:
+            return json_error(404, f"request {request_id} is unknown or its status has expired")
+        responses = list(document.get("responses", []))
+        responses.extend([None] * (len(document.get("documents", [])) - len(responses)))
+        return web.json_response({"responses": responses})
 
     async def topics(self, _request: web.Request) -> web.Response:
         if self.config_state is None:

@@ -21,6 +21,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from consumer import metrics
+from consumer.backpressure import ActiveJobs
 from consumer.configuration import Configuration, ConfigurationError, load_configuration
 from consumer.documents import Request, render_request
 from consumer.errors import PermanentError, TransientError
@@ -77,6 +78,7 @@ class Consumer:
         self._http: web.AppRunner | None = None
         self._refresh_lock = asyncio.Lock()
         self._topic_limits: dict[str, asyncio.Semaphore] = {}
+        self.active_jobs = ActiveJobs()
         self.http_port: int | None = None
         self.handled = 0  # messages finished by this process (acked or given up on)
 
@@ -265,6 +267,12 @@ class Consumer:
 
     async def job_changed(self, event: JobEvent) -> None:
         """An executor saw one of our Jobs change: fold it into its request's status."""
+        if event.topic and event.kind == "Job":
+            key = (event.namespace, event.name)
+            if event.state in ("succeeded", "failed"):
+                await self.active_jobs.finished(event.topic, key)
+            elif event.state == "running":
+                await self.active_jobs.started(event.topic, key)
         if self.status is None:
             return
 
@@ -322,6 +330,8 @@ class Consumer:
             await self.status.update(
                 request_id, change, create=lambda: new_status(request_id, topic, meta.sequence.stream, parent)
             )
+            if applied:
+                await self.status.link_functions(request_id, [a.function_uid for a in applied if a.function_uid])
             if parent:  # lineage: list this request under its parent
                 await self.status.update(parent, adopt)
         except Exception as exc:  # noqa: BLE001 — status is a report; the objects are what matter
@@ -333,13 +343,26 @@ class Consumer:
         documents = render_request(self.settings, config, Request(
             topic=topic_name, request_id=request_id, identity=identity_of(msg, request_id), stream_seq=seq,
             body=msg.data or b"", params=decode_params(msg.headers)))
-        limit = self._topic_limit(topic_name, config.topics[topic_name].max_concurrency)
-        async with limit:
-            applied = []
-            for ordinal, document in enumerate(documents):
-                result = await self.executor.apply(document)
-                applied.append(result.with_function_uid(function_uid(identity_of(msg, request_id), ordinal)))
-            return applied
+        topic = config.topics[topic_name]
+        jobs = sum(1 for d in documents if d.get("kind") == "Job" and d.get("apiVersion") == "batch/v1")
+        held = bool(topic.max_active_jobs and jobs and self.settings.executor != "dry-run")  # dry-run Jobs never end
+        if held:
+            assert topic.max_active_jobs is not None
+            if self.active_jobs.count(topic_name) + jobs > topic.max_active_jobs:
+                log.info("held: the topic has reached maxActiveJobs", active=self.active_jobs.count(topic_name),
+                         max_active_jobs=topic.max_active_jobs)
+            await self.active_jobs.admit(topic_name, topic.max_active_jobs, jobs)
+        applied: list[Applied] = []
+        try:
+            async with self._topic_limit(topic_name, topic.max_concurrency):
+                for ordinal, document in enumerate(documents):
+                    result = await self.executor.apply(document)
+                    applied.append(result.with_function_uid(function_uid(identity_of(msg, request_id), ordinal)))
+        finally:
+            if held:
+                await self.active_jobs.applied(topic_name, jobs, [
+                    (a.namespace, a.name) for a in applied if a.kind == "Job"])
+        return applied
 
     def _topic_limit(self, topic: str, limit: int | None) -> asyncio.Semaphore | contextlib.nullcontext[None]:
         if not limit:

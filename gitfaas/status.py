@@ -28,6 +28,23 @@ def status_key(request_id: str) -> str:
     return "b64-" + base64.urlsafe_b64encode(request_id.encode()).decode().rstrip("=")
 
 
+def function_key(function_uid: str) -> str:
+    """Index entry: which request a function uid belongs to (dots never occur in a status key)."""
+    return "fn." + status_key(function_uid)
+
+
+def set_response(document: dict[str, Any], function_uid: str, value: Any) -> bool:
+    """Store a function's response at its document's position; False if the uid is not there."""
+    documents = document.get("documents", [])
+    responses = document.setdefault("responses", [])
+    responses.extend([None] * (len(documents) - len(responses)))
+    for index, entry in enumerate(documents):
+        if entry.get("function_uid") == function_uid:
+            responses[index] = value
+            return True
+    return False
+
+
 def new_status(request_id: str, topic: str, stream_seq: int, parent: str | None) -> dict[str, Any]:
     return {
         "request_id": request_id,
@@ -56,6 +73,17 @@ class StatusStore:
         if not entry.value:
             return None
         return json.loads(entry.value)
+
+    async def link_functions(self, request_id: str, function_uids: list[str]) -> None:
+        for uid in function_uids:
+            await self.kv.put(function_key(uid), request_id.encode())
+
+    async def request_of_function(self, function_uid: str) -> str | None:
+        try:
+            entry = await self.kv.get(function_key(function_uid))
+        except (KeyNotFoundError, NotFoundError):
+            return None
+        return entry.value.decode() if entry.value else None
 
     async def wait(self, request_id: str, done: Callable[[dict[str, Any]], bool],
                    timeout: float) -> tuple[bool, dict[str, Any] | None]:
@@ -131,6 +159,8 @@ def merge_documents(document: dict[str, Any], entries: list[dict[str, Any]]) -> 
             entry = {**entry, "state": previous["state"], "reason": previous.get("reason")}
         merged.append(entry)
     document["documents"] = merged
+    responses = document.setdefault("responses", [])
+    responses.extend([None] * (len(merged) - len(responses)))
 
 
 def record_job_state(document: dict[str, Any], kind: str, namespace: str | None, name: str, state: str,

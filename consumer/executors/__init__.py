@@ -41,6 +41,7 @@ class JobEvent:
     name: str
     state: str
     reason: str | None = None
+    topic: str | None = None
 
 
 class JobEvents(Protocol):

@@ -23,6 +23,7 @@ from kubernetes_asyncio.dynamic.exceptions import DynamicApiError, ResourceNotFo
 
 from consumer.errors import PermanentError, TransientError
 from consumer.executors import Applied, JobEvents
+from consumer.jobwatch import JobWatcher
 from gitfaas.settings import Settings
 
 FIELD_MANAGER = "gitfaas"
@@ -47,6 +48,7 @@ class KubernetesExecutor:
         self._dynamic: DynamicClient | None = None
         self._resources: dict[tuple[str, str], Any] = {}
         self._lock = asyncio.Lock()
+        self._watcher: JobWatcher | None = None
 
     async def start(self, events: JobEvents) -> None:
         self._events = events
@@ -54,8 +56,13 @@ class KubernetesExecutor:
         # A discovery cache per process: a shared file keyed by host:port can be stale.
         cache = os.path.join(tempfile.gettempdir(), f"gitfaas-discovery-{os.getpid()}-{id(self)}.json")
         self._dynamic = await DynamicClient(self._api, cache_file=cache)
+        self._watcher = JobWatcher(self._api, self._settings.namespaces_allowed, events)
+        self._watcher.start()
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            await self._watcher.stop()
+            self._watcher = None
         if self._api is not None:
             await self._api.close()
             self._api = None

@@ -55,6 +55,7 @@ OUTPUT_DRAIN_SECONDS = 2.0  # after exit, for output still in the pipe
 MAX_LINE_BYTES = 65536
 BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
 REQUEST_ID_KEY = "gitfaas.io/request-id"
+TOPIC_KEY = "gitfaas.io/topic"
 SKIPPED = "skipped (the local executor runs only batch/v1 Jobs)"
 _REFERENCE = re.compile(r"\$(\$|\(([^)]*)\))")
 
@@ -123,6 +124,7 @@ class _CannotRun(Exception):
 class _Job:
     applied: Applied
     request_id: str
+    topic: str | None
     pod: dict[str, Any]
     backoff_limit: int
     active_deadline: float | None
@@ -223,7 +225,8 @@ class LocalExecutor:
             (metadata.get("labels") or {}).get(REQUEST_ID_KEY, "")
         return _Job(
             applied=Applied(api_version="batch/v1", kind="Job", namespace=namespace, name=name, uid=str(uuid.uuid4())),
-            request_id=request_id, pod=pod, backoff_limit=backoff_limit,
+            request_id=request_id, topic=(metadata.get("annotations") or {}).get(TOPIC_KEY), pod=pod,
+            backoff_limit=backoff_limit,
             active_deadline=float(deadline) if deadline is not None else None,
             marker=self._state / "jobs" / _safe(namespace) / _safe(name),
         )
@@ -434,7 +437,7 @@ class LocalExecutor:
 
     async def _report(self, job: _Job, state: str, reason: str | None) -> None:
         event = JobEvent(request_id=job.request_id, kind="Job", namespace=job.applied.namespace, name=job.name,
-                         state=state, reason=reason)
+                         state=state, reason=reason, topic=job.topic)
         try:
             await self._events.job_changed(event)
         except Exception as exc:  # noqa: BLE001 — a lost status update must not stop the Job
