@@ -59,9 +59,11 @@ async def test_outcomes_are_reported_across_watch_restarts(watcher, k8s: Emulato
     await k8s.set_job_status("after", condition=None, active=1)
     await wait_for(lambda: recorder.states("after") == ["running"], message="running")
     # Outlive a few server-side watch ends (1 s each) before the outcome arrives.
-    first_watch_requests = len([r for r in k8s.emulator._requests if r.params.get("watch")])
-    await wait_for(lambda: len([r for r in k8s.emulator._requests if r.params.get("watch")]) >= first_watch_requests + 2,
-                   timeout=10, message="the watch to be resumed twice")
+    def watches() -> int:
+        return len([r for r in k8s.emulator._requests if r.params.get("watch")])
+
+    first = watches()
+    await wait_for(lambda: watches() >= first + 2, timeout=10, message="the watch to be resumed twice")
     await k8s.set_job_status("after", condition="Failed", reason="DeadlineExceeded", message="too slow")
     await wait_for(lambda: recorder.states("after") == ["running", "failed"], message="failed after resumes")
     [failed] = [e for e in recorder.events if e.name == "after" and e.state == "failed"]
