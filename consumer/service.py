@@ -38,6 +38,7 @@ from gitfaas.subjects import (
     CONFIG_KEY,
     HEADER_ERROR,
     HEADER_PARENT,
+    HEADER_PUBLISHED_AT,
     HEADER_REQUEST_ID,
     Subjects,
     decode_params,
@@ -52,6 +53,15 @@ MAX_NAK_DELAY_SECONDS = 60.0
 def nak_delay(delivered: int) -> float:
     """Exponential redelivery delay for transient failures: 1s, 2s, 4s ... capped."""
     return min(MAX_NAK_DELAY_SECONDS, 2.0 ** max(0, delivered - 1))
+
+
+def end_to_end_seconds(headers: dict[str, str]) -> float | None:
+    """Since the bridge accepted the message (its `Gitfaas-Published-At`), if it says."""
+    stamp = headers.get(HEADER_PUBLISHED_AT)
+    try:
+        return max(0.0, time.time() - float(stamp)) if stamp else None
+    except ValueError:
+        return None
 
 
 def identity_of(msg: Msg, request_id: str) -> str:
@@ -81,6 +91,9 @@ class Consumer:
         self.active_jobs = ActiveJobs()
         self.http_port: int | None = None
         self.handled = 0  # messages finished by this process (acked or given up on)
+        self.last_applied = time.monotonic()  # for the stall signal
+        self.stalled = False
+        self.queue: dict[str, int] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -101,6 +114,7 @@ class Consumer:
         self._loops.append(asyncio.create_task(self._dispatch(), name="consumer-dispatch"))
         if s.git_poll_seconds > 0:
             self._loops.append(asyncio.create_task(self._poll(), name="consumer-git-poll"))
+        self._loops.append(asyncio.create_task(self._watch_queue(), name="consumer-queue-metrics"))
         log.info("consumer started", stream=s.stream, durable=s.durable, executor=s.executor,
                  source=self.gitsync.display_source, max_concurrency=s.max_concurrency,
                  http_port=self.http_port)
@@ -164,9 +178,13 @@ class Consumer:
             log.error("commit refused, keeping the last good configuration", commit=commit,
                       problems=exc.problems, serving=self.config.commit if self.config else None)
             return
+        previous = self.config
         self.config = config  # one assignment: a message sees one whole commit
         self.config_error = None
         metrics.CONFIG_OK.set(1)
+        if previous is not None:
+            metrics.COMMIT.remove(previous.commit)
+        metrics.COMMIT.labels(commit).set(1)
         log.info("configuration loaded", commit=commit, topics=sorted(config.topics))
 
     def state(self) -> dict[str, Any]:
@@ -223,6 +241,9 @@ class Consumer:
         topic = self.subjects.topic_of(msg.subject) or msg.subject
         request_id = headers.get(HEADER_REQUEST_ID) or f"seq-{seq}"
         structlog.contextvars.bind_contextvars(request_id=request_id, topic=topic, stream_seq=seq)
+        if meta.num_delivered > 1:
+            metrics.REDELIVERIES.labels(topic).inc()
+        log.debug("received", attempt=meta.num_delivered)
         config = self.config
         if config is None:
             log.info("no configuration loaded yet, message waits")
@@ -258,10 +279,16 @@ class Consumer:
             await self._record(request_id, topic, msg, state="applied", commit=config.commit, applied=applied)
             await msg.ack()
             self.handled += 1
+            self.last_applied = time.monotonic()
+            elapsed = time.perf_counter() - started
             metrics.MESSAGES.labels(topic, "applied").inc()
-            metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
+            metrics.APPLY_SECONDS.observe(elapsed)
+            since_publish = end_to_end_seconds(headers)
+            if since_publish is not None:
+                metrics.END_TO_END_SECONDS.observe(since_publish)
             log.info("applied", commit=config.commit, objects=[a.as_dict() for a in applied],
-                     duration_ms=round((time.perf_counter() - started) * 1000, 1))
+                     duration_ms=round(elapsed * 1000, 1), attempt=meta.num_delivered,
+                     since_publish_ms=round(since_publish * 1000, 1) if since_publish is not None else None)
         finally:
             heartbeat.cancel()
 
@@ -397,12 +424,38 @@ class Consumer:
 
     # ---- HTTP: health, readiness, metrics --------------------------------------------------
 
+    async def _watch_queue(self) -> None:
+        """JetStream's own view of the queue, and the stall signal: work waits, nothing moves."""
+        interval = max(0.2, min(5.0, self.settings.stall_seconds / 4))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                assert self.js is not None
+                info = await self.js.consumer_info(self.settings.stream, self.settings.durable)
+            except Exception as exc:  # noqa: BLE001 — metrics wait for the next round
+                log.debug("consumer info unavailable", error=str(exc) or type(exc).__name__)
+                continue
+            self.queue = {"pending": info.num_pending or 0, "ack_pending": info.num_ack_pending or 0,
+                          "redelivered": info.num_redelivered or 0}
+            metrics.STREAM_PENDING.set(self.queue["pending"])
+            metrics.STREAM_ACK_PENDING.set(self.queue["ack_pending"])
+            metrics.STREAM_REDELIVERED.set(self.queue["redelivered"])
+            waiting = self.queue["pending"] + self.queue["ack_pending"] > 0
+            stalled = waiting and time.monotonic() - self.last_applied > self.settings.stall_seconds
+            if stalled and not self.stalled:
+                log.error("stalled: messages wait but nothing was applied", queue=self.queue,
+                          stall_seconds=self.settings.stall_seconds)
+            self.stalled = stalled
+            metrics.STALLED.set(1 if stalled else 0)
+
     def ready(self) -> tuple[bool, dict[str, Any]]:
         connected = bool(self.nc and self.nc.is_connected)
         detail = {
             "nats": "connected" if connected else "disconnected",
             "configuration": self.config.commit if self.config else None,
             "error": self.config_error,
+            "queue": self.queue,
+            "stalled": self.stalled,
         }
         return connected and self.config is not None, detail
 

@@ -68,6 +68,7 @@ class Settings:
     max_deliver: int = 10
     ack_wait_seconds: float = 30
     apply_timeout_seconds: float = 15
+    stall_seconds: float = 300
     banned_kinds: tuple[str, ...] = DEFAULT_BANNED_KINDS
     allowed_namespaces: tuple[str, ...] = ()  # empty: only kube_namespace
     consumer_host: str = "0.0.0.0"
@@ -137,6 +138,7 @@ class Settings:
             max_deliver=reader.integer("MAX_DELIVER", cls.max_deliver),
             ack_wait_seconds=reader.number("ACK_WAIT_SECONDS", cls.ack_wait_seconds),
             apply_timeout_seconds=reader.number("APPLY_TIMEOUT_SECONDS", cls.apply_timeout_seconds),
+            stall_seconds=reader.number("STALL_SECONDS", cls.stall_seconds),
             banned_kinds=reader.words("BANNED_KINDS", reader.words("BANNED_KUBE_RESS", DEFAULT_BANNED_KINDS)),
             allowed_namespaces=reader.words("ALLOWED_NAMESPACES", ()),
             consumer_host=reader.text("CONSUMER_HOST", cls.consumer_host),
