@@ -46,56 +46,8 @@ def _settings() -> Settings:
         raise SystemExit(2) from None
 
 
-def cmd_bridge(_args: argparse.Namespace) -> int:
-    from bridge.app import run
-
-    settings = _settings()
-    logs.configure(settings.log_level, settings.log_format)
-    return _run(lambda: run(settings))
-
-
-def cmd_consumer(_args: argparse.Namespace) -> int:
-    from consumer.service import run
-
-    settings = _settings()
-    logs.configure(settings.log_level, settings.log_format)
-    return _run(lambda: run(settings))
-
-
-def cmd_up(args: argparse.Namespace) -> int:
-    from gitfaas.launcher import up
-
-    settings = _settings()
-    logs.configure(settings.log_level, settings.log_format)
-    return _run(lambda: up(settings, repo=args.repo, executor=args.executor, port=args.port,
-                           state_dir=Path(args.state_dir)))
-
-
 def _once(coroutine: Coroutine[Any, Any, int]) -> int:
     return asyncio.run(coroutine)
-
-
-def cmd_replay(args: argparse.Namespace) -> int:
-    from gitfaas.operator import replay
-
-    if not args.request_id and not args.topic:
-        print("gitfaas replay: give a REQUEST_ID or --topic T", file=sys.stderr)
-        return 2
-    settings = _settings()
-    logs.configure("WARNING", settings.log_format)
-    try:
-        return _once(replay(settings, args.request_id, args.topic, args.since, args.failed))
-    except ValueError as exc:
-        print(f"gitfaas replay: {exc}", file=sys.stderr)
-        return 2
-
-
-def cmd_dead(args: argparse.Namespace) -> int:
-    from gitfaas.operator import dead
-
-    settings = _settings()
-    logs.configure("WARNING", settings.log_format)
-    return _once(dead(settings, args.action, args.seq, args.all, args.json))
 
 
 def _params(pairs: list[str]) -> list[tuple[str, str]]:
@@ -108,41 +60,76 @@ def _params(pairs: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def cmd_publish(args: argparse.Namespace) -> int:
+def _body(data: str | None) -> bytes:
+    """A body given on the command line, or standard input for `-`."""
+    return sys.stdin.buffer.read() if data == "-" else (data or "").encode()
+
+
+# Each command takes the parsed arguments and the settings (parsed once, in `main`).
+
+def cmd_bridge(_args: argparse.Namespace, settings: Settings) -> int:
+    from bridge.app import run
+
+    return _run(lambda: run(settings))
+
+
+def cmd_consumer(_args: argparse.Namespace, settings: Settings) -> int:
+    from consumer.service import run
+
+    return _run(lambda: run(settings))
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    from gitfaas.launcher import up
+
+    return _run(lambda: up(settings, repo=args.repo, executor=args.executor, port=args.port,
+                           state_dir=Path(args.state_dir)))
+
+
+def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from gitfaas.operator import replay
+
+    if not args.request_id and not args.topic:
+        print("gitfaas replay: give a REQUEST_ID or --topic T", file=sys.stderr)
+        return 2
+    try:
+        return _once(replay(settings, args.request_id, args.topic, args.since, args.failed))
+    except ValueError as exc:
+        print(f"gitfaas replay: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_dead(args: argparse.Namespace, settings: Settings) -> int:
+    from gitfaas.operator import dead
+
+    return _once(dead(settings, args.action, args.seq, args.all, args.json))
+
+
+def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
     from gitfaas.operator import publish
 
-    settings = _settings()
-    logs.configure("WARNING", settings.log_format)
-    if args.data == "-":
-        data = sys.stdin.buffer.read()
-    else:
-        data = (args.data or "").encode()
-    return _once(publish(settings, args.topic, data, _params(args.param), args.wait, args.timeout))
+    return _once(publish(settings, args.topic, _body(args.data), _params(args.param), args.wait, args.timeout))
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from gitfaas.operator import status
 
-    settings = _settings()
-    logs.configure("WARNING", settings.log_format)
     return _once(status(settings, args.request_id, args.json, args.tree))
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
+def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
     from gitfaas.authoring import validate
 
-    settings = _settings()
-    logs.configure("WARNING", settings.log_format)
     return validate(settings, args.repo)
 
 
-def cmd_render(args: argparse.Namespace) -> int:
+def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
     from gitfaas.authoring import render
 
-    settings = _settings()
-    logs.configure("WARNING", settings.log_format)
-    message = sys.stdin.buffer.read() if args.message == "-" else (args.message or "").encode()
-    return render(settings, args.repo, args.topic, message, dict(_params(args.param)))
+    return render(settings, args.repo, args.topic, _body(args.message), dict(_params(args.param)))
+
+
+SERVICES = frozenset({"up", "bridge", "consumer"})  # log at LOG_LEVEL; the tools only warn
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], int] = args.func
-    return func(args)
+    settings = _settings()
+    logs.configure(settings.log_level if args.command in SERVICES else "WARNING", settings.log_format)
+    func: Callable[[argparse.Namespace, Settings], int] = args.func
+    return func(args, settings)
 

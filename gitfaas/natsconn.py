@@ -78,28 +78,18 @@ async def connect(settings: Settings, name: str, *, attempts: int | None = None,
             delay = min(delay * 2, 5.0)
 
 
+def _file_stream(name: str, subject: str, settings: Settings, **extra: Any) -> StreamConfig:
+    return StreamConfig(name=name, subjects=[subject], storage=StorageType.FILE, retention=RetentionPolicy.LIMITS,
+                        discard=DiscardPolicy.OLD, max_age=settings.stream_max_age_seconds, **extra)
+
+
 def stream_config(settings: Settings) -> StreamConfig:
-    subjects = Subjects(settings.subject_prefix)
-    return StreamConfig(
-        name=settings.stream,
-        subjects=[subjects.topics_wildcard],
-        storage=StorageType.FILE,
-        retention=RetentionPolicy.LIMITS,
-        discard=DiscardPolicy.OLD,
-        max_age=settings.stream_max_age_seconds,
-        duplicate_window=settings.duplicate_window_seconds,
-    )
+    return _file_stream(settings.stream, Subjects(settings.subject_prefix).topics_wildcard, settings,
+                        duplicate_window=settings.duplicate_window_seconds)
 
 
 def dead_stream_config(settings: Settings) -> StreamConfig:
-    subjects = Subjects(settings.subject_prefix)
-    return StreamConfig(
-        name=settings.dead_stream,
-        subjects=[subjects.dead_wildcard],
-        storage=StorageType.FILE,
-        retention=RetentionPolicy.LIMITS,
-        max_age=settings.stream_max_age_seconds,
-    )
+    return _file_stream(settings.dead_stream, Subjects(settings.subject_prefix).dead_wildcard, settings)
 
 
 async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:

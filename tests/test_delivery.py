@@ -75,25 +75,37 @@ def assert_exactly_once(k8s: EmulatorHandle, expected: list[str]) -> None:
     )
 
 
-async def test_consumer_killed_while_applying_loses_and_doubles_nothing(
-    nats_server: EmbeddedNats, k8s: EmulatorHandle, repo: GitRepo, tmp_path: Path
-) -> None:
-    await ensure_stream(nats_server.url)
-    env = consumer_env(nats_server, k8s, repo, tmp_path, "a")
+async def interrupt_and_restart(nats: EmbeddedNats, k8s: EmulatorHandle, repo: GitRepo, tmp_path: Path, *,
+                                count: int, interrupt_after: int, interrupt: str) -> None:
+    """Publish `count`, interrupt the consumer (`kill` or `terminate`) mid-way, start a new one:
+    every message must end as exactly one Job."""
+    await ensure_stream(nats.url)
+    env = consumer_env(nats, k8s, repo, tmp_path, "a")
     first = await ConsumerProcess(env, tmp_path / "consumer-1.log").start()
     second: ConsumerProcess | None = None
     try:
-        ids = await publish_many(nats_server.url, "hello", 500)
-        await wait_for(lambda: len(k8s.jobs()) >= 100, timeout=30, message="100 Jobs before the crash")
-        first.kill()
-        assert len(k8s.jobs()) < 500, "the crash must happen while applying"
+        ids = await publish_many(nats.url, "hello", count)
+        await wait_for(lambda: len(k8s.jobs()) >= interrupt_after, timeout=30,
+                       message=f"{interrupt_after} Jobs before the interruption")
+        if interrupt == "kill":
+            first.kill()
+            assert len(k8s.jobs()) < count, "the crash must happen while applying"
+        else:
+            code, seconds = await first.terminate()
+            assert code == 0 and seconds < 8, f"exit code {code} after {seconds:.1f}s"
         second = await ConsumerProcess(env, tmp_path / "consumer-2.log").start()
-        await wait_for(lambda: len(k8s.jobs()) >= 500, timeout=60, message="all 500 Jobs after the restart")
+        await wait_for(lambda: len(k8s.jobs()) >= count, timeout=60, message=f"all {count} Jobs after the restart")
         assert_exactly_once(k8s, ids)
     finally:
         first.stop()
         if second:
             second.stop()
+
+
+async def test_consumer_killed_while_applying_loses_and_doubles_nothing(
+    nats_server: EmbeddedNats, k8s: EmulatorHandle, repo: GitRepo, tmp_path: Path
+) -> None:
+    await interrupt_and_restart(nats_server, k8s, repo, tmp_path, count=500, interrupt_after=100, interrupt="kill")
 
 
 async def test_two_consumer_processes_share_the_work(
@@ -116,22 +128,8 @@ async def test_two_consumer_processes_share_the_work(
 async def test_sigterm_under_load_exits_promptly_and_loses_nothing(
     nats_server: EmbeddedNats, k8s: EmulatorHandle, repo: GitRepo, tmp_path: Path
 ) -> None:
-    await ensure_stream(nats_server.url)
-    env = consumer_env(nats_server, k8s, repo, tmp_path, "a")
-    first = await ConsumerProcess(env, tmp_path / "consumer-1.log").start()
-    second: ConsumerProcess | None = None
-    try:
-        ids = await publish_many(nats_server.url, "hello", 300)
-        await wait_for(lambda: len(k8s.jobs()) >= 50, timeout=30, message="50 Jobs before SIGTERM")
-        code, seconds = await first.terminate()
-        assert code == 0 and seconds < 8, f"exit code {code} after {seconds:.1f}s"
-        second = await ConsumerProcess(env, tmp_path / "consumer-2.log").start()
-        await wait_for(lambda: len(k8s.jobs()) >= 300, timeout=60, message="all 300 Jobs after the restart")
-        assert_exactly_once(k8s, ids)
-    finally:
-        first.stop()
-        if second:
-            second.stop()
+    await interrupt_and_restart(nats_server, k8s, repo, tmp_path, count=300, interrupt_after=50,
+                                interrupt="terminate")
 
 
 async def test_broker_restart_mid_publish(

@@ -42,6 +42,7 @@ from typing import Any, TextIO
 
 from consumer.errors import PermanentError, TransientError
 from consumer.executors import Applied, JobEvent, JobEvents, NoJobEvents
+from consumer.prepare import ANNOTATION_REQUEST_ID, ANNOTATION_TOPIC, LABEL_REQUEST_ID
 from gitfaas.logs import get_logger
 from gitfaas.settings import Settings
 
@@ -54,8 +55,6 @@ MAX_RETRY_PAUSE_SECONDS = 2.0
 OUTPUT_DRAIN_SECONDS = 2.0  # after exit, for output still in the pipe
 MAX_LINE_BYTES = 65536
 BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
-REQUEST_ID_KEY = "gitfaas.io/request-id"
-TOPIC_KEY = "gitfaas.io/topic"
 SKIPPED = "skipped (the local executor runs only batch/v1 Jobs)"
 _REFERENCE = re.compile(r"\$(\$|\(([^)]*)\))")
 
@@ -221,11 +220,11 @@ class LocalExecutor:
             raise PermanentError(f"Job {name}: backoffLimit must be a whole number >= 0")
         if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, int) or deadline <= 0):
             raise PermanentError(f"Job {name}: activeDeadlineSeconds must be a whole number > 0")
-        request_id = (metadata.get("annotations") or {}).get(REQUEST_ID_KEY) or \
-            (metadata.get("labels") or {}).get(REQUEST_ID_KEY, "")
+        annotations = metadata.get("annotations") or {}
+        request_id = annotations.get(ANNOTATION_REQUEST_ID) or (metadata.get("labels") or {}).get(LABEL_REQUEST_ID, "")
         return _Job(
             applied=Applied(api_version="batch/v1", kind="Job", namespace=namespace, name=name, uid=str(uuid.uuid4())),
-            request_id=request_id, topic=(metadata.get("annotations") or {}).get(TOPIC_KEY), pod=pod,
+            request_id=request_id, topic=annotations.get(ANNOTATION_TOPIC), pod=pod,
             backoff_limit=backoff_limit,
             active_deadline=float(deadline) if deadline is not None else None,
             marker=self._state / "jobs" / _safe(namespace) / _safe(name),
