@@ -18,24 +18,22 @@ from aiohttp import web
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.kv import KeyValue
 
 from consumer import metrics
-from consumer.backpressure import ActiveJobs
-from consumer.configuration import Configuration, ConfigurationError, load_configuration
+from consumer.configuration import Configuration
 from consumer.documents import Request, render_request
 from consumer.errors import PermanentError, TransientError
-from consumer.executors import Applied, Executor, JobEvent, make_executor
-from consumer.gitsync import GitSync, GitSyncError
+from consumer.executors import Applied, Executor, make_executor
 from consumer.pull import ContinuousPull
+from consumer.repository import Repository
+from consumer.tracking import RequestTracker
 from consumer.variables import function_uid
 from gitfaas import natsconn
 from gitfaas.logs import get_logger
 from gitfaas.metrics import metrics_view
 from gitfaas.settings import Settings
-from gitfaas.status import StatusStore, merge_documents, new_status, record_job_state, summarize
+from gitfaas.status import StatusStore
 from gitfaas.subjects import (
-    CONFIG_KEY,
     HEADER_ERROR,
     HEADER_PARENT,
     HEADER_PUBLISHED_AT,
@@ -75,20 +73,15 @@ class Consumer:
         self.settings = settings
         self.subjects = Subjects(settings.subject_prefix)
         self.executor = executor or make_executor(settings)
-        self.gitsync = GitSync(settings)
-        self.config: Configuration | None = None
-        self.config_error: str | None = None
+        self.repository = Repository(settings)
+        self.tracker = RequestTracker()
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
-        self._config_kv: KeyValue | None = None
-        self.status: StatusStore | None = None
         self._pull: ContinuousPull | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[Any]] = []
         self._http: web.AppRunner | None = None
-        self._refresh_lock = asyncio.Lock()
         self._topic_limits: dict[str, asyncio.Semaphore] = {}
-        self.active_jobs = ActiveJobs()
         self.http_port: int | None = None
         self.handled = 0  # messages finished by this process (acked or given up on)
         self.last_applied = time.monotonic()  # for the stall signal
@@ -103,9 +96,9 @@ class Consumer:
             s, "gitfaas-consumer", reconnected_cb=self._on_reconnected, disconnected_cb=self._on_disconnected
         )
         self.js = self.nc.jetstream()
-        self._config_kv, requests_kv = await natsconn.ensure_all(self.js, s)
-        self.status = StatusStore(requests_kv)
-        await self.executor.start(self)
+        self.repository.bucket, requests_kv = await natsconn.ensure_all(self.js, s)
+        self.tracker.store = StatusStore(requests_kv)
+        await self.executor.start(self.tracker)
         await self.refresh()
         await self.nc.subscribe(self.subjects.refresh, cb=self._on_refresh_request)
         await self._start_http()
@@ -116,7 +109,7 @@ class Consumer:
             self._loops.append(asyncio.create_task(self._poll(), name="consumer-git-poll"))
         self._loops.append(asyncio.create_task(self._watch_queue(), name="consumer-queue-metrics"))
         log.info("consumer started", stream=s.stream, durable=s.durable, executor=s.executor,
-                 source=self.gitsync.display_source, max_concurrency=s.max_concurrency,
+                 source=self.repository.gitsync.display_source, max_concurrency=s.max_concurrency,
                  http_port=self.http_port)
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -150,56 +143,12 @@ class Consumer:
 
     # ---- configuration ---------------------------------------------------------------------
 
+    @property
+    def config(self) -> Configuration | None:
+        return self.repository.config
+
     async def refresh(self) -> dict[str, Any]:
-        """Pull git now; load the commit if it is new. Returns the state `/topics` shows."""
-        async with self._refresh_lock:
-            try:
-                snapshot = await asyncio.to_thread(self.gitsync.sync)
-            except GitSyncError as exc:
-                metrics.GIT_SYNCS.labels("error").inc()
-                self.config_error = f"git sync failed: {exc}"
-                log.error("git sync failed", error=str(exc))
-            else:
-                metrics.GIT_SYNCS.labels("ok").inc()
-                if self.config is None or snapshot.commit != self.config.commit:
-                    await self._load(snapshot.root, snapshot.commit)
-                else:
-                    self.config_error = None
-            state = self.state()
-            await self._publish_state(state)
-            return state
-
-    async def _load(self, root: Any, commit: str) -> None:
-        try:
-            config = await asyncio.to_thread(load_configuration, root, commit, self.settings)
-        except ConfigurationError as exc:
-            metrics.CONFIG_OK.set(0)
-            self.config_error = str(exc)
-            log.error("commit refused, keeping the last good configuration", commit=commit,
-                      problems=exc.problems, serving=self.config.commit if self.config else None)
-            return
-        previous = self.config
-        self.config = config  # one assignment: a message sees one whole commit
-        self.config_error = None
-        metrics.CONFIG_OK.set(1)
-        if previous is not None:
-            metrics.COMMIT.remove(previous.commit)
-        metrics.COMMIT.labels(commit).set(1)
-        log.info("configuration loaded", commit=commit, topics=sorted(config.topics))
-
-    def state(self) -> dict[str, Any]:
-        if self.config is None:
-            return {"commit": None, "loaded_at": None, "topics": [], "error": self.config_error,
-                    "source": self.gitsync.display_source}
-        return {**self.config.summary(), "error": self.config_error, "source": self.gitsync.display_source}
-
-    async def _publish_state(self, state: dict[str, Any]) -> None:
-        if self._config_kv is None:
-            return
-        try:
-            await self._config_kv.put(CONFIG_KEY, json.dumps(state).encode())
-        except Exception as exc:  # noqa: BLE001 — the bridge shows stale topics until the next refresh
-            log.warning("could not publish configuration state", error=str(exc) or type(exc).__name__)
+        return await self.repository.refresh()
 
     async def _on_refresh_request(self, msg: Msg) -> None:
         state = await self.refresh()
@@ -292,33 +241,6 @@ class Consumer:
         finally:
             heartbeat.cancel()
 
-    async def job_changed(self, event: JobEvent) -> None:
-        """An executor saw one of our Jobs change: fold it into its request's status."""
-        if event.topic and event.kind == "Job":
-            key = (event.namespace, event.name)
-            if event.state in ("succeeded", "failed"):
-                await self.active_jobs.finished(event.topic, key)
-            elif event.state == "running":
-                await self.active_jobs.started(event.topic, key)
-        if self.status is None:
-            return
-
-        def change(document: dict[str, Any]) -> None:
-            record_job_state(document, event.kind, event.namespace, event.name, event.state, event.reason)
-            summarize(document)
-
-        try:
-            # Created when the Job reports before the apply is recorded; `_record` fills it in.
-            document = await self.status.update(
-                event.request_id, change, create=lambda: new_status(event.request_id, "", 0, None))
-        except Exception as exc:  # noqa: BLE001 — a lost status update must not stop the executor
-            log.warning("job status not recorded", job=event.name, error=str(exc) or type(exc).__name__)
-            return
-        if document is not None:
-            metrics.JOB_OUTCOMES.labels(document.get("topic", "?"), event.state).inc()
-            log.info("job " + event.state, request_id=event.request_id, job=event.name, reason=event.reason,
-                     request_state=document["state"])
-
     async def _keep_alive(self, msg: Msg) -> None:
         """Tell JetStream we are still on it, so a slow apply is not redelivered to someone else."""
         interval = max(0.5, self.settings.ack_wait_seconds / 3)
@@ -329,40 +251,10 @@ class Consumer:
 
     async def _record(self, request_id: str, topic: str, msg: Msg, *, state: str, commit: str | None = None,
                       applied: list[Applied] | None = None, error: str | None = None) -> None:
-        """Write the request's status document; a failure here never loses the message."""
-        if self.status is None:
-            return
         meta = msg.metadata
-        parent = (msg.headers or {}).get(HEADER_PARENT)
-
-        def change(document: dict[str, Any]) -> None:
-            document.update(topic=topic, stream_seq=meta.sequence.stream, parent=parent)
-            document["state"] = state
-            document["attempts"] = meta.num_delivered
-            document["error"] = error
-            if commit is not None:
-                document["commit"] = commit
-            if applied is not None:
-                merge_documents(document, [
-                    {**a.as_dict(), "function_uid": a.function_uid, "state": state, "reason": None}
-                    for a in applied
-                ])
-                summarize(document)
-
-        def adopt(document: dict[str, Any]) -> None:
-            if request_id not in document.setdefault("children", []):
-                document["children"].append(request_id)
-
-        try:
-            await self.status.update(
-                request_id, change, create=lambda: new_status(request_id, topic, meta.sequence.stream, parent)
-            )
-            if applied:
-                await self.status.link_functions(request_id, [a.function_uid for a in applied if a.function_uid])
-            if parent:  # lineage: list this request under its parent
-                await self.status.update(parent, adopt)
-        except Exception as exc:  # noqa: BLE001 — status is a report; the objects are what matter
-            log.warning("status not recorded", error=str(exc) or type(exc).__name__)
+        await self.tracker.record(request_id, topic=topic, stream_seq=meta.sequence.stream,
+                                  attempts=meta.num_delivered, parent=(msg.headers or {}).get(HEADER_PARENT),
+                                  state=state, commit=commit, applied=applied, error=error)
 
     async def _process(
         self, msg: Msg, config: Configuration, topic_name: str, request_id: str, seq: int
@@ -375,10 +267,10 @@ class Consumer:
         held = bool(topic.max_active_jobs and jobs and self.settings.executor != "dry-run")  # dry-run Jobs never end
         if held:
             assert topic.max_active_jobs is not None
-            if self.active_jobs.count(topic_name) + jobs > topic.max_active_jobs:
-                log.info("held: the topic has reached maxActiveJobs", active=self.active_jobs.count(topic_name),
+            if self.tracker.active_jobs.count(topic_name) + jobs > topic.max_active_jobs:
+                log.info("held: the topic has reached maxActiveJobs", active=self.tracker.active_jobs.count(topic_name),
                          max_active_jobs=topic.max_active_jobs)
-            await self.active_jobs.admit(topic_name, topic.max_active_jobs, jobs)
+            await self.tracker.active_jobs.admit(topic_name, topic.max_active_jobs, jobs)
         applied: list[Applied] = []
         try:
             async with self._topic_limit(topic_name, topic.max_concurrency):
@@ -387,7 +279,7 @@ class Consumer:
                     applied.append(result.with_function_uid(function_uid(identity_of(msg, request_id), ordinal)))
         finally:
             if held:
-                await self.active_jobs.applied(topic_name, jobs, [
+                await self.tracker.active_jobs.applied(topic_name, jobs, [
                     (a.namespace, a.name) for a in applied if a.kind == "Job"])
         return applied
 
@@ -453,7 +345,7 @@ class Consumer:
         detail = {
             "nats": "connected" if connected else "disconnected",
             "configuration": self.config.commit if self.config else None,
-            "error": self.config_error,
+            "error": self.repository.error,
             "queue": self.queue,
             "stalled": self.stalled,
         }

@@ -49,7 +49,7 @@ async def up(settings: Settings, *, repo: str, executor: str | None, port: int |
             f"  nats      {nats_server.url}  (state in {nats_server.store_dir})\n"
             f"  bridge    http://127.0.0.1:{bridge_port}\n"
             f"  consumer  http://127.0.0.1:{consumer.http_port}/readyz  executor={settings.executor}\n"
-            f"  repo      {consumer.gitsync.display_source}  topics: {', '.join(topics) or '(none)'}\n\n"
+            f"  repo      {consumer.repository.gitsync.display_source}  topics: {', '.join(topics) or '(none)'}\n\n"
             f"  try: curl -X POST http://127.0.0.1:{bridge_port}/publish/{first} -d 'hello'\n"
             f"  Ctrl-C stops everything.\n",
             file=sys.stderr,

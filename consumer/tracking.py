@@ -1,0 +1,84 @@
+"""Request tracking: the status documents of §6 and the active Jobs behind `maxActiveJobs`.
+
+The consumer records what it did with a message (applied, dead); executors report what the Jobs
+then do (`JobEvents`). Both land here. A status write that fails is logged and never affects the
+message: the objects in the cluster are what matter, the status is a report about them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from consumer import metrics
+from consumer.backpressure import ActiveJobs
+from consumer.executors import Applied, JobEvent
+from gitfaas.logs import get_logger
+from gitfaas.status import StatusStore, merge_documents, new_status, record_job_state, summarize
+
+log = get_logger("gitfaas.consumer")
+
+
+class RequestTracker:
+    def __init__(self, store: StatusStore | None = None) -> None:
+        self.store = store
+        self.active_jobs = ActiveJobs()
+
+    async def record(self, request_id: str, *, topic: str, stream_seq: int, attempts: int, parent: str | None,
+                     state: str, commit: str | None = None, applied: list[Applied] | None = None,
+                     error: str | None = None) -> None:
+        """Write what the consumer did with a request, and list it under its parent."""
+        if self.store is None:
+            return
+
+        def change(document: dict[str, Any]) -> None:
+            document.update(topic=topic, stream_seq=stream_seq, parent=parent, state=state, attempts=attempts,
+                            error=error)
+            if commit is not None:
+                document["commit"] = commit
+            if applied is not None:
+                merge_documents(document, [
+                    {**a.as_dict(), "function_uid": a.function_uid, "state": state, "reason": None}
+                    for a in applied
+                ])
+                summarize(document)
+
+        def adopt(document: dict[str, Any]) -> None:
+            if request_id not in document.setdefault("children", []):
+                document["children"].append(request_id)
+
+        try:
+            await self.store.update(request_id, change,
+                                    create=lambda: new_status(request_id, topic, stream_seq, parent))
+            if applied:
+                await self.store.link_functions(request_id, [a.function_uid for a in applied if a.function_uid])
+            if parent:  # lineage: list this request under its parent
+                await self.store.update(parent, adopt)
+        except Exception as exc:  # noqa: BLE001 — status is a report; the objects are what matter
+            log.warning("status not recorded", error=str(exc) or type(exc).__name__)
+
+    async def job_changed(self, event: JobEvent) -> None:
+        """An executor saw one of our Jobs change: free its `maxActiveJobs` slot, update its request."""
+        if event.topic and event.kind == "Job":
+            key = (event.namespace, event.name)
+            if event.state in ("succeeded", "failed"):
+                await self.active_jobs.finished(event.topic, key)
+            elif event.state == "running":
+                await self.active_jobs.started(event.topic, key)
+        if self.store is None:
+            return
+
+        def change(document: dict[str, Any]) -> None:
+            record_job_state(document, event.kind, event.namespace, event.name, event.state, event.reason)
+            summarize(document)
+
+        try:
+            # Created when the Job reports before the apply is recorded; `record` fills it in.
+            document = await self.store.update(
+                event.request_id, change, create=lambda: new_status(event.request_id, "", 0, None))
+        except Exception as exc:  # noqa: BLE001 — a lost status update must not stop the executor
+            log.warning("job status not recorded", job=event.name, error=str(exc) or type(exc).__name__)
+            return
+        if document is not None:
+            metrics.JOB_OUTCOMES.labels(document.get("topic", "?"), event.state).inc()
+            log.info("job " + event.state, request_id=event.request_id, job=event.name, reason=event.reason,
+                     request_state=document["state"])
