@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import time
@@ -87,6 +88,21 @@ def accepted_content_type(content_type: str) -> bool:
                         "application/x-www-form-urlencoded"):  # curl -d sends the last one
         return True
     return content_type.startswith("text/") or content_type.endswith("+json")
+
+
+async def read_limited(request: web.Request, limit: int) -> bytes | None:
+    """The body, or None as soon as more than `limit` bytes have arrived.
+
+    Enforced while reading (a chunked upload has no Content-Length to check first): never more than
+    `limit` + 1 bytes are read into the body, whatever the client goes on sending. (aiohttp's own
+    `client_max_size` behaves alike in `request.read()`; this does not depend on that setting.)
+    """
+    body = bytearray()
+    while chunk := await request.content.read(min(65536, limit + 1 - len(body))):
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
 
 
 class Bridge:
@@ -180,12 +196,22 @@ class Bridge:
 
     @web.middleware
     async def _auth_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not self._token or request.path in OPEN_ROUTES:
+        """`BRIDGE_TOKEN`: every route but health, readiness and metrics needs `Authorization: Bearer`.
+
+        Open or not is decided by the route the router matched, not by the path text, and the token
+        is compared in constant time.
+        """
+        if not self._token:
             return await handler(request)
-        given = request.headers.get("Authorization", "")
-        scheme, _, credential = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(credential.strip().encode(), self._token):
-            return json_error(401, "missing or wrong bearer token (Authorization: Bearer <BRIDGE_TOKEN>)")
+        resource = request.match_info.route.resource
+        if resource is not None and resource.canonical in OPEN_ROUTES:
+            return await handler(request)
+        scheme, _, credential = request.headers.get("Authorization", "").strip().partition(" ")
+        given = hashlib.sha256(credential.strip().encode("utf-8", errors="replace")).digest()
+        if not hmac.compare_digest(given, hashlib.sha256(self._token).digest()) or scheme.lower() != "bearer":
+            response = json_error(401, "missing or wrong bearer token (Authorization: Bearer <BRIDGE_TOKEN>)")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="gitfaas"'
+            return response
         return await handler(request)
 
     # ---- routes ----------------------------------------------------------------------------
@@ -228,7 +254,9 @@ class Bridge:
         limit = self.settings.max_payload_bytes
         if request.content_length is not None and request.content_length > limit:
             return json_error(413, f"body is larger than MAX_PAYLOAD_BYTES ({limit})")
-        body = await request.read()
+        body = await read_limited(request, limit)
+        if body is None:
+            return json_error(413, f"body is larger than MAX_PAYLOAD_BYTES ({limit})")
         if content_type == "application/json" or content_type.endswith("+json"):
             try:
                 json.loads(body or b"null")

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from consumer.prepare import kind_refused
 from consumer.render import CompiledDocument, TemplateError, compile_manifest
 from gitfaas.settings import Settings
 from gitfaas.subjects import InvalidName, check_topic
@@ -84,7 +85,9 @@ def load_configuration(root: Path, commit: str, settings: Settings) -> Configura
         raise ConfigurationError(commit, problems)
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError:  # `[[[[...` a few thousand deep: refuse it, do not let it escape
+        raise ConfigurationError(commit, [f"{config_path}: not valid JSON: nested too deeply"]) from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
         raise ConfigurationError(commit, [f"{config_path}: not valid JSON: {exc}"]) from None
     entries = data.get("topics") if isinstance(data, dict) else None
     if not isinstance(entries, list):
@@ -163,7 +166,7 @@ def _topic(
             if not compiled[path]:
                 problems.append(f"{path}: holds no YAML document")
         for doc in compiled[path]:
-            problems.extend(check_document(doc, settings, namespace))
+            problems.extend(check_document(doc, settings, namespace, topic=name))
         documents.extend(compiled[path])
     if len(problems) > before:
         return None
@@ -190,8 +193,12 @@ def _optional(entry: dict[str, Any], key: str, kind: type, where: str, problems:
     return value
 
 
-def check_document(doc: CompiledDocument, settings: Settings, topic_namespace: str | None) -> list[str]:
-    """§3/§7 checks that can be made before any message: shape, kind policy, namespace."""
+def check_document(doc: CompiledDocument, settings: Settings, topic_namespace: str | None,
+                   topic: str | None = None) -> list[str]:
+    """§3/§7 checks that can be made before any message: shape, kind policy, namespace.
+
+    Values still unknown (`{{NAME}}`) are checked again on every rendered document (`prepare`).
+    """
     where = f"{doc.source}:{doc.line}"
     static = doc.sample()  # variables appear as "{{NAME}}" text
     problems: list[str] = []
@@ -203,30 +210,49 @@ def check_document(doc: CompiledDocument, settings: Settings, topic_namespace: s
         problems.append(f"{where}: document has no metadata.name or metadata.generateName")
         metadata = {}
     kind = static.get("kind")
-    if isinstance(kind, str) and kind in settings.banned_kinds:
-        problems.append(f"{where}: kind {kind} is banned (BANNED_KINDS)")
+    refused = kind_refused(kind, settings) if isinstance(kind, str) else None
+    if refused:
+        problems.append(f"{where}: {refused}")
+    allowed = ", ".join(sorted(settings.namespaces_allowed))
     namespace = metadata.get("namespace")
     if isinstance(namespace, str) and "{{" not in namespace and namespace not in settings.namespaces_allowed:
-        problems.append(f"{where}: namespace {namespace!r} is not allowed (ALLOWED_NAMESPACES: "
-                        f"{', '.join(sorted(settings.namespaces_allowed))})")
+        problems.append(f"{where}: namespace {namespace!r} is not allowed (ALLOWED_NAMESPACES: {allowed})")
+    elif not namespace:
+        default = topic_namespace or settings.kube_namespace
+        if default not in settings.namespaces_allowed:
+            problems.append(f"{where}: without metadata.namespace the document goes to {default!r} (the topic's "
+                            f"namespace, else KUBE_NAMESPACE), which is not allowed (ALLOWED_NAMESPACES: {allowed})")
+    if topic is not None:  # a file shared by several topics is reported once per topic that uses it
+        problems = [f"{problem} (topic {topic})" for problem in problems]
     return problems
 
 
 def _read_inside(root: Path, relative: str, limit: int, problems: list[str], what: str) -> bytes | None:
-    """Read a file that must stay inside the repository (no `..`, absolute path, or escaping link)."""
-    if not relative or os.path.isabs(relative) or ".." in Path(relative).parts:
-        problems.append(f"{relative or '(empty)'}: {what} path must be relative and stay inside the repository")
+    """Read a file that must stay inside the repository (no `..`, absolute path, or escaping link).
+
+    Links are followed only to check where they end; a file over `limit` is refused after reading at
+    most `limit + 1` bytes, whatever its size claimed when it was checked.
+    """
+    shown = repr(relative) if not relative.isprintable() else relative
+    if not relative or "\0" in relative or os.path.isabs(relative) or ".." in Path(relative).parts:
+        problems.append(f"{shown or '(empty)'}: {what} path must be relative and stay inside the repository")
         return None
-    real_root = root.resolve()
-    target = (real_root / relative).resolve()
-    if not target.is_relative_to(real_root):
-        problems.append(f"{relative}: {what} path leaves the repository through a symbolic link")
+    try:
+        real_root = root.resolve()
+        target = (real_root / relative).resolve()
+        if not target.is_relative_to(real_root):
+            problems.append(f"{shown}: {what} path leaves the repository through a symbolic link")
+            return None
+        if not target.is_file():
+            problems.append(f"{shown}: {what} file not found in the repository")
+            return None
+        with target.open("rb") as file:
+            data = file.read(limit + 1)
+    except (OSError, RuntimeError, ValueError) as exc:  # link loops, names too long, unreadable files
+        reason = (exc.strerror if isinstance(exc, OSError) else None) or exc
+        problems.append(f"{shown}: {what} file cannot be read: {reason}")
         return None
-    if not target.is_file():
-        problems.append(f"{relative}: {what} file not found in the repository")
+    if len(data) > limit:
+        problems.append(f"{shown}: {what} file is larger than the limit of {limit} bytes")
         return None
-    size = target.stat().st_size
-    if size > limit:
-        problems.append(f"{relative}: {what} file is {size} bytes, more than the limit of {limit}")
-        return None
-    return target.read_bytes()
+    return data

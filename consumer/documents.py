@@ -14,6 +14,7 @@ from consumer.errors import PermanentError
 from consumer.prepare import PolicyError, Stamp, prepare
 from consumer.render import MissingVariablesError, RenderError
 from consumer.variables import MessageValues
+from gitfaas.natsconn import display_servers
 from gitfaas.settings import Settings
 
 
@@ -40,7 +41,8 @@ def render_request(settings: Settings, config: Configuration, request: Request) 
         topic=request.topic,
         body=request.body,
         params=request.params,
-        nats_url=settings.function_nats_url or settings.nats_url,
+        # Functions get NATS_URL without credentials written into it: those are gitfaas's own.
+        nats_url=settings.function_nats_url or display_servers(settings, separator=","),
         bridge_url=settings.bridge_url,
     )
     stamp = Stamp(topic=request.topic, request_id=request.request_id, stream_seq=request.stream_seq,

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import shutil
 import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import git
 
@@ -57,7 +58,10 @@ class GitSync:
     def display_source(self) -> str:
         """The source as it may appear in logs and `/topics`: no credentials."""
         if _is_url(self.source):
-            parts = urlsplit(self.source)
+            try:
+                parts = urlsplit(self.source)
+            except ValueError:  # e.g. an unclosed IPv6 bracket: show nothing that could hold a password
+                return "(GIT_URL is not a valid URL)"
             if "@" in parts.netloc:
                 host = parts.netloc.rsplit("@", 1)[1]  # keeps [IPv6] brackets and the port
                 return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
@@ -70,7 +74,9 @@ class GitSync:
             except git.GitCommandError as exc:
                 raise GitSyncError(self._scrub(f"git {exc.command[1] if len(exc.command) > 1 else ''} "
                                                f"failed: {(exc.stderr or exc.stdout or '').strip()}")) from None
-            except (git.GitError, OSError) as exc:
+            except GitSyncError as exc:
+                raise GitSyncError(self._scrub(str(exc))) from None
+            except Exception as exc:  # noqa: BLE001 — whatever GitPython raises, its text may hold the URL
                 raise GitSyncError(self._scrub(f"{type(exc).__name__}: {exc}")) from None
 
     def _sync(self) -> Snapshot:
@@ -101,7 +107,8 @@ class GitSync:
     def _env(self) -> dict[str, str]:
         env = {"GIT_TERMINAL_PROMPT": "0"}
         if self._ssh_key:
-            env["GIT_SSH_COMMAND"] = f"ssh -i {self._ssh_key} -o IdentitiesOnly=yes -o StrictHostKeyChecking=accept-new"
+            env["GIT_SSH_COMMAND"] = (f"ssh -i {shlex.quote(self._ssh_key)} -o IdentitiesOnly=yes "
+                                      "-o StrictHostKeyChecking=accept-new")
         return env
 
     def _clone(self) -> git.Repo:
@@ -126,10 +133,22 @@ class GitSync:
             repo.git.reset("--hard", f"origin/{self.branch}")
             repo.git.clean("-fdx")
 
+    def _secrets(self) -> list[str]:
+        """The token, and a password written into GIT_URL itself, as they may be spelled in git's output."""
+        found = [self._token] if self._token else []
+        if _is_url(self.source):
+            try:
+                password = urlsplit(self.source).password
+            except ValueError:
+                password = None
+            if password:
+                found += [password, unquote(password)]
+        spellings = {spelled for secret in found for spelled in (secret, quote(secret, safe=""), quote(secret))}
+        return sorted((s for s in spellings if s), key=len, reverse=True)  # longest first: no partial leftovers
+
     def _scrub(self, text: str) -> str:
-        for secret in (self._token, quote(self._token or "", safe="")):
-            if secret:
-                text = text.replace(secret, "***")
+        for secret in self._secrets():
+            text = text.replace(secret, "***")
         return text
 
 

@@ -33,6 +33,22 @@ class PolicyError(ValueError):
     """A rendered object gitfaas refuses to apply; permanent for this message."""
 
 
+def kind_refused(kind: str, settings: Settings) -> str | None:
+    """Why `kind` may not be applied (§7), or None.
+
+    Compared without case (the API server would refuse `secret`, but a policy must not rely on
+    that), and lists are refused too: a `SecretList` or a `List` could carry a banned kind.
+    """
+    banned = {name.lower() for name in settings.banned_kinds}
+    lowered = kind.lower()
+    if lowered in banned:
+        return f"kind {kind} is banned (BANNED_KINDS)"
+    if banned and (lowered == "list" or (lowered.endswith("list") and lowered[:-4] in banned)):
+        return (f"kind {kind} is refused: a list could carry a kind of BANNED_KINDS; "
+                "write each object as its own document")
+    return None
+
+
 def label_value(value: str) -> str:
     """A valid label value: the value itself, or a readable prefix plus a hash of the whole."""
     if _LABEL_VALUE.fullmatch(value):
@@ -81,8 +97,9 @@ def prepare(
     kind = document.get("kind")
     if not isinstance(kind, str) or not kind or not isinstance(document.get("apiVersion"), str):
         raise PolicyError("rendered document has no apiVersion or kind")
-    if kind in settings.banned_kinds:
-        raise PolicyError(f"kind {kind} is banned (BANNED_KINDS)")
+    refused = kind_refused(kind, settings)
+    if refused:
+        raise PolicyError(refused)
     metadata = document.get("metadata")
     if not isinstance(metadata, dict):
         raise PolicyError(f"{kind}: metadata is not a mapping")

@@ -55,6 +55,17 @@ _CONSTRUCTOR = yaml.constructor.SafeConstructor()
 _LINE_BREAK = re.compile("\r\n|[\r\n\x85\u2028\u2029]")  # what YAML 1.1 counts as a new line
 _MAYBE_TYPED = re.compile(r"[-+0-9A-Za-z_.:~]*")
 
+# Limits on one manifest file, checked on YAML's event stream before any node is built. Without them
+# a small file can take the consumer down: the C composer recurses once per nesting level (a few
+# hundred thousand `[` overflow the C stack and kill the process), and aliases let a few hundred bytes
+# stand for billions of nodes ("billion laughs") that every render would build afresh. Kubernetes
+# manifests are nowhere near these numbers.
+MAX_DEPTH = 100  # mappings and sequences open at once
+MAX_NODES_PER_DOCUMENT = 50_000  # keys, values and items, an alias counted as the nodes it stands for
+MAX_NODES_PER_FILE = 200_000  # the same, over all the documents of the file
+MAX_ALIASES_PER_FILE = 1_000
+MAX_DOCUMENTS_PER_FILE = 1_000
+
 
 class TemplateError(ValueError):
     """A manifest file itself is unusable (bad YAML, not a mapping, unsupported tag...).
@@ -425,6 +436,7 @@ def compile_manifest(text: str, source: str) -> list[CompiledDocument]:
     loader_class = _loader_class(prefix)
     documents: list[CompiledDocument] = []
     try:
+        _check_limits(substituted, loader_class, compiler)
         for root in _compose_all(substituted, loader_class):
             if _is_empty(root):
                 continue
@@ -448,6 +460,58 @@ def compile_manifest(text: str, source: str) -> list[CompiledDocument]:
     except RecursionError:
         raise TemplateError(source, None, "manifest is nested too deeply") from None
     return documents
+
+
+def _check_limits(text: str, loader_class: type, compiler: _Compiler) -> None:
+    """Refuse a file over the size limits, reading only its event stream (no recursion, no nodes built).
+
+    Each alias counts as the number of nodes its anchor stands for, so a "billion laughs" is stopped
+    after a few hundred events instead of being expanded.
+    """
+    loader = loader_class(text)
+    try:
+        documents = aliases = earlier_nodes = nodes = 0
+        sizes: dict[str, int] = {}  # anchor -> nodes it stands for (anchors are per document)
+        open_collections: list[tuple[str | None, int]] = []  # (anchor, nodes before it)
+        while loader.check_event():
+            event = loader.get_event()
+            if isinstance(event, yaml.DocumentStartEvent):
+                documents += 1
+                if documents > MAX_DOCUMENTS_PER_FILE:
+                    raise compiler.error(event, f"more than {MAX_DOCUMENTS_PER_FILE} YAML documents in one file")
+                earlier_nodes += nodes
+                nodes = 0
+                sizes.clear()
+                continue
+            if isinstance(event, yaml.AliasEvent):
+                aliases += 1
+                if aliases > MAX_ALIASES_PER_FILE:
+                    raise compiler.error(event, f"more than {MAX_ALIASES_PER_FILE} aliases (*name) in one file")
+                nodes += sizes.get(event.anchor, 1)
+            elif isinstance(event, yaml.ScalarEvent):
+                nodes += 1
+                if event.anchor is not None:
+                    sizes[event.anchor] = 1
+            elif isinstance(event, yaml.CollectionStartEvent):
+                open_collections.append((event.anchor, nodes))
+                nodes += 1
+                if len(open_collections) > MAX_DEPTH:
+                    raise compiler.error(event, f"nested more than {MAX_DEPTH} levels deep")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                anchor, before = open_collections.pop()
+                if anchor is not None:
+                    sizes[anchor] = nodes - before
+                continue
+            else:
+                continue
+            if nodes > MAX_NODES_PER_DOCUMENT:
+                raise compiler.error(event, f"document has more than {MAX_NODES_PER_DOCUMENT} nodes, counting "
+                                            "each alias as the nodes it stands for (an alias bomb?)")
+            if earlier_nodes + nodes > MAX_NODES_PER_FILE:
+                raise compiler.error(event, f"file has more than {MAX_NODES_PER_FILE} nodes, counting each "
+                                            "alias as the nodes it stands for")
+    finally:
+        loader.dispose()
 
 
 def _reject_hidden_variables(text: str, loader_class: type, compiler: _Compiler) -> None:

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from gitfaas.logs import get_logger
@@ -50,10 +51,12 @@ def free_port(host: str = "127.0.0.1", preferred: int | None = None) -> int:
 
 
 class EmbeddedNats:
-    def __init__(self, store_dir: Path, port: int | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(self, store_dir: Path, port: int | None = None, host: str = "127.0.0.1",
+                 extra_args: Sequence[str] = ()) -> None:
         self.store_dir = Path(store_dir)
         self.host = host
         self.port = port or free_port(host)
+        self.extra_args = tuple(extra_args)  # e.g. ("--auth", token) or ("--user", u, "--pass", p)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -70,6 +73,7 @@ class EmbeddedNats:
             "-p", str(self.port),
             "-sd", str(self.store_dir),
             "-l", str(log_file),
+            *self.extra_args,
         ]
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, start_new_session=True)

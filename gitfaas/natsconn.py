@@ -8,10 +8,14 @@ object with the same configuration is left alone, one with a different configura
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import os
 import ssl
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import nats
+import nats.errors
 from nats.aio.client import Client
 from nats.errors import NoServersError
 from nats.js import JetStreamContext
@@ -37,10 +41,37 @@ log = get_logger(__name__)
 STREAM_NAME_IN_USE = 10058  # JetStream: "stream name already in use with a different configuration"
 
 
+class NatsConfigError(RuntimeError):
+    """NATS settings that cannot work (refused credentials, unreadable files): retrying will not help.
+
+    The message names the setting, never its secret value.
+    """
+
+
+def server_urls(settings: Settings) -> list[str]:
+    return [url.strip() for url in settings.nats_url.split(",") if url.strip()]
+
+
+def display_servers(settings: Settings, separator: str = ", ") -> str:
+    """The servers as they may be logged or told to functions: no user or password from NATS_URL."""
+    shown = []
+    for url in server_urls(settings):
+        try:
+            parts = urlsplit(url)
+            netloc = parts.netloc.rsplit("@", 1)[-1]
+            shown.append(urlunsplit((parts.scheme, netloc, parts.path, "", "")))
+        except ValueError:
+            shown.append("(invalid URL)")
+    return separator.join(shown)
+
+
 def connect_options(settings: Settings, name: str) -> dict[str, Any]:
-    """Keyword arguments for `nats.connect`; credentials come only from settings."""
+    """Keyword arguments for `nats.connect`; credentials come only from settings.
+
+    Raises `NatsConfigError` for a credentials or CA file that cannot be used, naming the setting.
+    """
     options: dict[str, Any] = {
-        "servers": [url.strip() for url in settings.nats_url.split(",") if url.strip()],
+        "servers": server_urls(settings),
         "name": name,
         "allow_reconnect": True,
         "max_reconnect_attempts": -1,
@@ -50,6 +81,10 @@ def connect_options(settings: Settings, name: str) -> dict[str, Any]:
         "max_outstanding_pings": 2,
     }
     if settings.nats_creds:
+        if importlib.util.find_spec("nkeys") is None:
+            raise NatsConfigError("NATS_CREDS needs the nkeys package (pip install 'nats-py[nkeys]')")
+        if not os.access(settings.nats_creds, os.R_OK):
+            raise NatsConfigError(f"NATS_CREDS: cannot read the credentials file {settings.nats_creds}")
         options["user_credentials"] = settings.nats_creds
     if settings.nats_token:
         options["token"] = settings.nats_token
@@ -57,30 +92,73 @@ def connect_options(settings: Settings, name: str) -> dict[str, Any]:
         options["user"] = settings.nats_user
         options["password"] = settings.nats_password or ""
     if settings.nats_tls_ca:
-        options["tls"] = ssl.create_default_context(cafile=settings.nats_tls_ca)
+        try:
+            options["tls"] = ssl.create_default_context(cafile=settings.nats_tls_ca)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise NatsConfigError(f"NATS_TLS_CA: cannot load {settings.nats_tls_ca}: {exc}") from None
     return options
 
 
+async def _log_error(exc: Exception) -> None:
+    """nats-py's own error callback logs a traceback per failed attempt; one line says enough."""
+    log.warning("nats error", error=str(exc) or type(exc).__name__)
+
+
+def _is_auth_failure(exc: BaseException) -> bool:
+    if isinstance(exc, nats.errors.AuthorizationError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, nats.errors.Error) and ("authorization" in text or "authentication" in text)
+
+
 async def connect(settings: Settings, name: str, *, attempts: int | None = None, **callbacks: Any) -> Client:
-    """Connect, retrying the first connection too (NATS may start after us in a cluster)."""
-    options = connect_options(settings, name) | callbacks
+    """Connect, retrying the first connection too (NATS may start after us in a cluster).
+
+    Refused credentials or a server certificate that fails verification end the retries at once
+    with `NatsConfigError`: they are settings to fix, not a server still starting. Once connected,
+    the client reconnects by itself, forever.
+    """
+    options = {"error_cb": _log_error, **connect_options(settings, name), **callbacks}
+    # nats-py retries a first connection forever when reconnecting is allowed, and then a wrong
+    # password is only ever a log line. So: one round over the servers per attempt, our own backoff
+    # between attempts, and reconnecting switched on once connected.
+    first = {**options, "allow_reconnect": False, "max_reconnect_attempts": 1}
     delay = 0.2
     tried = 0
     while True:
         tried += 1
         try:
-            return await nats.connect(**options)
-        except (TimeoutError, NoServersError, OSError) as exc:
+            nc = await nats.connect(**first)
+        except ssl.SSLCertVerificationError as exc:
+            raise NatsConfigError(f"NATS server certificate not trusted ({display_servers(settings)}): "
+                                  f"{exc.verify_message or exc}; check NATS_TLS_CA") from None
+        except (TimeoutError, NoServersError, OSError, nats.errors.Error) as exc:
+            if _is_auth_failure(exc):
+                raise NatsConfigError(
+                    f"NATS at {display_servers(settings)} refused the credentials "
+                    f"({_credential_names(settings)}): {exc}") from None
             if attempts is not None and tried >= attempts:
                 raise
             log.warning("nats not reachable yet, retrying", error=str(exc) or type(exc).__name__, in_s=delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+            continue
+        nc.options["allow_reconnect"] = options.get("allow_reconnect", True)
+        nc.options["max_reconnect_attempts"] = options.get("max_reconnect_attempts", -1)
+        return nc
+
+
+def _credential_names(settings: Settings) -> str:
+    """Which settings supplied credentials: names only, never values."""
+    names = [name for name, value in (("NATS_CREDS", settings.nats_creds), ("NATS_TOKEN", settings.nats_token),
+                                      ("NATS_USER/NATS_PASSWORD", settings.nats_user)) if value]
+    return ", ".join(names) or "none given"
 
 
 def _file_stream(name: str, subject: str, settings: Settings, **extra: Any) -> StreamConfig:
     return StreamConfig(name=name, subjects=[subject], storage=StorageType.FILE, retention=RetentionPolicy.LIMITS,
-                        discard=DiscardPolicy.OLD, max_age=settings.stream_max_age_seconds, **extra)
+                        discard=DiscardPolicy.OLD, max_age=settings.stream_max_age_seconds,
+                        num_replicas=settings.replicas, **extra)
 
 
 def stream_config(settings: Settings) -> StreamConfig:
@@ -126,9 +204,11 @@ async def ensure_consumer(js: JetStreamContext, settings: Settings) -> None:
 
 
 async def ensure_buckets(js: JetStreamContext, settings: Settings) -> tuple[KeyValue, KeyValue]:
-    config_kv = await _ensure_bucket(js, KeyValueConfig(bucket=CONFIG_BUCKET, history=1))
+    config_kv = await _ensure_bucket(js, KeyValueConfig(bucket=CONFIG_BUCKET, history=1,
+                                                        replicas=settings.replicas))
     requests_kv = await _ensure_bucket(
-        js, KeyValueConfig(bucket=REQUESTS_BUCKET, history=1, ttl=settings.request_ttl_seconds)
+        js, KeyValueConfig(bucket=REQUESTS_BUCKET, history=1, ttl=settings.request_ttl_seconds,
+                           replicas=settings.replicas)
     )
     return config_kv, requests_kv
 

@@ -52,7 +52,8 @@ async def _connect(settings: Settings) -> Client:
     try:
         return await natsconn.connect(settings, "gitfaas-cli", attempts=1)
     except Exception as exc:  # noqa: BLE001 — any failure to connect means the same to a person
-        raise SystemExit(f"gitfaas: cannot reach NATS at {settings.nats_url}: {exc or type(exc).__name__}") from None
+        raise SystemExit(f"gitfaas: cannot reach NATS at {natsconn.display_servers(settings)}: "
+                         f"{exc or type(exc).__name__}") from None
 
 
 async def replay(settings: Settings, request_id: str | None, topic: str | None, since: str | None,

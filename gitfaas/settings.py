@@ -48,6 +48,7 @@ class Settings:
     stream_max_age_seconds: float = 7 * 24 * 3600
     duplicate_window_seconds: float = 120
     request_ttl_seconds: float = 172800
+    replicas: int = 1  # JetStream replicas of the streams and buckets (3 on a 3-server NATS cluster)
     # Bridge
     bridge_host: str = "0.0.0.0"
     bridge_port: int = 5000
@@ -118,6 +119,7 @@ class Settings:
             dead_stream=reader.text("GITFAAS_DEAD_STREAM", cls.dead_stream),
             subject_prefix=reader.text("GITFAAS_SUBJECT_PREFIX", cls.subject_prefix).rstrip("."),
             durable=reader.text("GITFAAS_DURABLE", cls.durable),
+            replicas=reader.integer("GITFAAS_REPLICAS", cls.replicas) or 1,
             request_ttl_seconds=reader.first_number(("REQUEST_TTL_SECONDS", "EXPIRATION_TIME"),
                                                     cls.request_ttl_seconds),
             bridge_host=reader.text("BRIDGE_HOST", cls.bridge_host),
