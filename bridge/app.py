@@ -312,8 +312,8 @@ class Bridge:
             return None
         return (original.headers or {}).get(HEADER_REQUEST_ID)
 
-    async def request_status(self, request: web.Request) -> web.Response:
-        request_id = request.match_info["request_id"]
+    async def _status_document(self, request_id: str) -> dict[str, Any] | web.Response:
+        """The request's status document, or the error response that says why there is none."""
         if self.status is None or self.nc is None or not self.nc.is_connected:
             return json_error(503, "NATS is unavailable")
         try:
@@ -322,7 +322,11 @@ class Bridge:
             return json_error(503, "the status store is unavailable")
         if document is None:
             return json_error(404, f"request {request_id} is unknown or its status has expired")
-        return web.json_response(document)
+        return document
+
+    async def request_status(self, request: web.Request) -> web.Response:
+        document = await self._status_document(request.match_info["request_id"])
+        return document if isinstance(document, web.Response) else web.json_response(document)
 
     async def replay(self, request: web.Request) -> web.Response:
         request_id = request.match_info["request_id"]
@@ -362,15 +366,9 @@ class Bridge:
         return web.json_response({"request_id": request_id, "function_uid": function_uid, "stored": True})
 
     async def get_responses(self, request: web.Request) -> web.Response:
-        request_id = request.match_info["request_id"]
-        if self.status is None or self.nc is None or not self.nc.is_connected:
-            return json_error(503, "NATS is unavailable")
-        try:
-            document = await self.status.get(request_id)
-        except NATS_UNAVAILABLE:
-            return json_error(503, "the status store is unavailable")
-        if document is None:
-            return json_error(404, f"request {request_id} is unknown or its status has expired")
+        document = await self._status_document(request.match_info["request_id"])
+        if isinstance(document, web.Response):
+            return document
         responses = list(document.get("responses", []))
         responses.extend([None] * (len(document.get("documents", [])) - len(responses)))
         return web.json_response({"responses": responses})

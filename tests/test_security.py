@@ -30,7 +30,6 @@ import yarl
 from aiohttp import web
 
 import bridge.app
-from consumer.configuration import ConfigurationError, load_configuration
 from consumer.gitsync import GitSync
 from consumer.prepare import PolicyError, Stamp, prepare
 from consumer.render import (
@@ -46,6 +45,7 @@ from gitfaas.settings import Settings
 from gitfaas.subjects import HEADER_ERROR
 from tests.conftest import GitRepo, config_json, job_manifest, make_settings, running_stack, wait_for
 from tests.emulator import EmulatorHandle
+from tests.test_configuration import has_problem, problems_of
 from tests.test_core_loop import dead_letters
 
 SETTINGS = Settings(kube_namespace="default", allowed_namespaces=("default", "pipelines"))
@@ -66,14 +66,6 @@ def all_objects(k8s: EmulatorHandle) -> list[dict[str, Any]]:
     return [obj.raw for obj in k8s.emulator.objects.values() if not obj.deleted]
 
 
-def problems_of(root: Path, settings: Settings = SETTINGS) -> list[str]:
-    with pytest.raises(ConfigurationError) as caught:
-        load_configuration(root, "c0ffee" * 6, settings)
-    return caught.value.problems
-
-
-def has_problem(problems: list[str], *fragments: str) -> bool:
-    return any(all(fragment in problem for fragment in fragments) for problem in problems)
 
 
 def write_repo(root: Path, files: dict[str, str | bytes]) -> Path:
