@@ -23,6 +23,13 @@ from gitfaas.logs import get_logger
 log = get_logger("gitfaas.jobwatch")
 
 SELECTOR = f"{MANAGED_BY}=gitfaas"
+
+
+class _RawWatch(Watch):
+    """Events as plain dicts: building `V1Job` models we never read cost ~200 µs an event (bench B2)."""
+
+    def get_return_type(self, func: Any) -> None:
+        return None
 WATCH_SECONDS = 300
 RETRY_SECONDS = 2.0
 MAX_REMEMBERED = 20_000
@@ -93,7 +100,7 @@ class JobWatcher:
 
     async def _watch(self, namespace: str, version: str) -> str | None:
         """Follow changes until the server ends the watch; returns where to resume."""
-        watch = Watch()
+        watch = _RawWatch()
         async with watch.stream(self._batch.list_namespaced_job, namespace, label_selector=SELECTOR,
                                 resource_version=version or None, timeout_seconds=WATCH_SECONDS,
                                 allow_watch_bookmarks=True) as stream:

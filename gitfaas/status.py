@@ -118,15 +118,23 @@ class StatusStore:
         create: Callable[[], dict[str, Any]] | None = None,
         attempts: int = 8,
     ) -> dict[str, Any] | None:
-        """Read-modify-write with the revision as guard; retried when another writer won."""
+        """Read-modify-write with the revision as guard; retried when another writer won.
+
+        With `create`, the first try assumes the document is new and skips the read: most
+        requests are recorded once, so this saves a round trip on the hot path (bench B2).
+        """
         key = status_key(request_id)
+        assume_new = create is not None
         for _ in range(attempts):
-            try:
-                entry = await self.kv.get(key)
-                document = json.loads(entry.value) if entry.value else None
-                revision = entry.revision
-            except (KeyNotFoundError, NotFoundError):
-                document, revision = None, None
+            if assume_new:
+                document, revision, assume_new = None, None, False
+            else:
+                try:
+                    entry = await self.kv.get(key)
+                    document = json.loads(entry.value) if entry.value else None
+                    revision = entry.revision
+                except (KeyNotFoundError, NotFoundError):
+                    document, revision = None, None
             if document is None:
                 if create is None:
                     return None
