@@ -31,7 +31,7 @@ from gitfaas.message import request_headers
 from gitfaas.metrics import json_error, metrics_view
 from gitfaas.replay import ReplayError, replay_request
 from gitfaas.settings import Settings
-from gitfaas.status import StatusStore, set_response
+from gitfaas.status import StatusStore, request_key_of_function, set_response
 from gitfaas.subjects import (
     CONFIG_KEY,
     HEADER_PARENT,
@@ -356,15 +356,17 @@ class Bridge:
         else:
             value = body.decode("utf-8", errors="replace")
         stored: list[bool] = []
+        document = None
+        key = request_key_of_function(function_uid)
         try:
-            request_id = await self.status.request_of_function(function_uid)
-            if request_id is not None:
-                await self.status.update(request_id, lambda d: stored.append(set_response(d, function_uid, value)))
+            if key is not None:  # the uid must match its document exactly: a forged one stores nothing
+                document = await self.status.update(key, lambda d: stored.append(set_response(d, function_uid, value)))
         except NATS_UNAVAILABLE:
             return json_error(503, "the status store is unavailable")
-        if request_id is None or not any(stored):
+        if document is None or not any(stored):
             return json_error(404, f"function uid {function_uid} is unknown (or its request has expired)")
-        return web.json_response({"request_id": request_id, "function_uid": function_uid, "stored": True})
+        return web.json_response({"request_id": document["request_id"], "function_uid": function_uid,
+                                  "stored": True})
 
     async def get_responses(self, request: web.Request) -> web.Response:
         document = await self._status_document(request.match_info["request_id"])

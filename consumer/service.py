@@ -276,7 +276,8 @@ class Consumer:
             async with self._topic_limit(topic_name, topic.max_concurrency):
                 for ordinal, document in enumerate(documents):
                     result = await self.executor.apply(document)
-                    applied.append(result.with_function_uid(function_uid(identity_of(msg, request_id), ordinal)))
+                    applied.append(result.with_function_uid(
+                        function_uid(request_id, identity_of(msg, request_id), ordinal)))
         finally:
             if held:
                 await self.tracker.active_jobs.applied(topic_name, jobs, [

@@ -49,8 +49,6 @@ class RequestTracker:
         try:
             await self.store.update(request_id, change,
                                     create=lambda: new_status(request_id, topic, stream_seq, parent))
-            if applied:
-                await self.store.link_functions(request_id, [a.function_uid for a in applied if a.function_uid])
             if parent:  # lineage: list this request under its parent
                 await self.store.update(parent, adopt)
         except Exception as exc:  # noqa: BLE001 — status is a report; the objects are what matter

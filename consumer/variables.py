@@ -9,14 +9,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from consumer.render import MissingVariablesError
+from gitfaas.status import status_key
 
-_FUNCTION_UID_NAMESPACE = uuid.UUID("6f1b0c2e-8a43-4c55-9a0e-2f3f6b1d7c11")
 _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 PER_DOCUMENT = frozenset({"RANDOM", "FUNCTION_UID"})
 
@@ -36,8 +35,13 @@ def random_token(identity: str, ordinal: int, length: int = 10) -> str:
     return "".join(chars)
 
 
-def function_uid(identity: str, ordinal: int) -> str:
-    return str(uuid.uuid5(_FUNCTION_UID_NAMESPACE, f"{identity}/{ordinal}"))
+def function_uid(request_id: str, identity: str, ordinal: int) -> str:
+    """`FUNCTION_UID`: `<request key>.<document>.<16 unguessable characters>`.
+
+    It names its request, so `POST /response/{uid}` finds the status document without an index
+    (one store write less per message); the bridge checks the whole uid against that document.
+    """
+    return f"{status_key(request_id)}.{ordinal}.{random_token(identity + '/function', ordinal, 16)}"
 
 
 @dataclass(slots=True)
@@ -83,7 +87,7 @@ class MessageValues:
         if name == "RANDOM":
             return random_token(self.identity, ordinal)
         if name == "FUNCTION_UID":
-            return function_uid(self.identity, ordinal)
+            return function_uid(self.request_id, self.identity, ordinal)
         if name == "TOPIC":
             return self.topic
         if name == "NATS_URL":

@@ -28,9 +28,12 @@ def status_key(request_id: str) -> str:
     return "b64-" + base64.urlsafe_b64encode(request_id.encode()).decode().rstrip("=")
 
 
-def function_key(function_uid: str) -> str:
-    """Index entry: which request a function uid belongs to (dots never occur in a status key)."""
-    return "fn." + status_key(function_uid)
+def request_key_of_function(function_uid: str) -> str | None:
+    """The status key a `FUNCTION_UID` names (see `consumer.variables.function_uid`), if well formed."""
+    parts = function_uid.rsplit(".", 2)
+    if len(parts) != 3 or not parts[1].isdigit() or not _KEY_SAFE.fullmatch(parts[0]):
+        return None
+    return parts[0]
 
 
 def set_response(document: dict[str, Any], function_uid: str, value: Any) -> bool:
@@ -73,17 +76,6 @@ class StatusStore:
         if not entry.value:
             return None
         return json.loads(entry.value)
-
-    async def link_functions(self, request_id: str, function_uids: list[str]) -> None:
-        for uid in function_uids:
-            await self.kv.put(function_key(uid), request_id.encode())
-
-    async def request_of_function(self, function_uid: str) -> str | None:
-        try:
-            entry = await self.kv.get(function_key(function_uid))
-        except (KeyNotFoundError, NotFoundError):
-            return None
-        return entry.value.decode() if entry.value else None
 
     async def wait(self, request_id: str, done: Callable[[dict[str, Any]], bool],
                    timeout: float) -> tuple[bool, dict[str, Any] | None]:

@@ -94,6 +94,11 @@ async def test_function_responses_round_trip(stack: Stack, k8s: EmulatorHandle) 
 
     async with stack.http.post(f"{stack.bridge_url}/response/not-a-function", data="x") as response:
         assert response.status == 404 and "unknown" in (await response.json())["error"]
+    forged = function_uid.rsplit(".", 1)[0] + ".aaaaaaaaaaaaaaaa"  # the right request, a guessed secret
+    async with stack.http.post(f"{stack.bridge_url}/response/{forged}", data="forged") as response:
+        assert response.status == 404
+    code, answer = await stack.get_json(f"/response/{request_id}")
+    assert answer == {"responses": ["plain text"]}, "a forged uid stores nothing"
     async with stack.http.post(f"{stack.bridge_url}/response/{function_uid}", data=b"{bad",
                                headers={"Content-Type": "application/json"}) as response:
         assert response.status == 400

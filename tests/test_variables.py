@@ -5,12 +5,12 @@ from __future__ import annotations
 import base64
 import json
 import re
-import uuid
 
 import pytest
 
 from consumer.render import MissingVariablesError
 from consumer.variables import MessageValues
+from gitfaas.status import request_key_of_function, status_key
 
 
 def message(body: bytes = b"", *, request_id: str = "req-1", params: dict[str, str] | None = None,
@@ -77,10 +77,12 @@ def test_random_differs_across_documents_and_requests():
     assert one(message(request_id="req-2"), "RANDOM", 0) != base
 
 
-def test_function_uid_is_a_deterministic_uuid_per_document():
+def test_function_uid_names_its_request_and_document_and_is_deterministic():
     first = one(message(), "FUNCTION_UID", 0)
 
-    assert str(uuid.UUID(first)) == first
+    key, ordinal, secret = first.split(".")
+    assert request_key_of_function(first) == key == status_key(message().request_id)
+    assert ordinal == "0" and re.fullmatch(r"[a-z0-9]{16}", secret)
     assert one(message(), "FUNCTION_UID", 0) == first
     assert one(message(), "FUNCTION_UID", 1) != first
     assert one(message(request_id="req-2"), "FUNCTION_UID", 0) != first

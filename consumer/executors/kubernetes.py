@@ -128,12 +128,13 @@ class KubernetesExecutor:
             raise classify(getattr(exc, "status", None), _api_message(exc), kind, metadata["name"]) from None
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TransientError(f"API server unreachable: {type(exc).__name__}: {exc}") from None
-        body = _json(payload)
         if not 200 <= status <= 299:
+            body = _json(payload)
             message = body.get("message") if isinstance(body, dict) else payload[:300].decode(errors="replace")
             raise classify(status, str(message or ""), kind, metadata["name"])
-        uid = (body.get("metadata") or {}).get("uid") if isinstance(body, dict) else None
-        return Applied(api_version=api_version, kind=kind, namespace=namespace, name=metadata["name"], uid=uid)
+        # The applied object is not parsed: nothing reads it, and decoding it was ~4% of the
+        # consumer's CPU (bench B2).
+        return Applied(api_version=api_version, kind=kind, namespace=namespace, name=metadata["name"])
 
 
 def classify(status: int | None, message: str, kind: str, name: str) -> TransientError | PermanentError:
