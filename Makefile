@@ -25,3 +25,8 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .gitfaas .pytest_cache
+
+# Issue #8: the five benchmarks, their tables, and bench/RESULTS.md (a few minutes; not part of `test`).
+.PHONY: bench
+bench: $(STAMP)
+	$(BIN)/python -m bench
