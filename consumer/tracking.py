@@ -78,5 +78,6 @@ class RequestTracker:
             return
         if document is not None:
             metrics.JOB_OUTCOMES.labels(document.get("topic", "?"), event.state).inc()
-            log.info("job " + event.state, request_id=event.request_id, job=event.name, reason=event.reason,
+            log.info("job " + event.state, request_id=event.request_id, topic=document.get("topic"),
+                     stream_seq=document.get("stream_seq"), job=event.name, reason=event.reason,
                      request_state=document["state"])
