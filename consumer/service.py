@@ -126,11 +126,12 @@ class Consumer:
                 task.cancel()
         if self._http is not None:
             await self._http.cleanup()
+        # Before NATS closes: the executor's last reports (e.g. local Jobs interrupted) still land.
+        await self.executor.close()
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await self.nc.flush(timeout=2)
             await self.nc.close()
-        await self.executor.close()
         log.info("consumer stopped")
 
     async def _on_reconnected(self) -> None:
