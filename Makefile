@@ -14,14 +14,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/ruff check gitfaas bridge consumer tests
+	$(BIN)/ruff check gitfaas bridge consumer tests bench
 	$(BIN)/python -m pytest
 
 up: $(STAMP)
 	$(BIN)/gitfaas up --repo examples/pipeline
 
 lint: $(STAMP)
-	$(BIN)/ruff check gitfaas bridge consumer tests
+	$(BIN)/ruff check gitfaas bridge consumer tests bench
 
 clean:
 	rm -rf $(VENV) .gitfaas .pytest_cache

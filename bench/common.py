@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from typing import Any
 
 import aiohttp
 
-from gitfaas.embedded import EmbeddedNats, free_port
+from gitfaas.embedded import EmbeddedNats, free_port, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -268,15 +267,7 @@ class Child:
             return "(no log)"
 
     async def stop(self, timeout: float = 10.0) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(asyncio.to_thread(process.wait), timeout)
-        except TimeoutError:
-            process.kill()
-            await asyncio.to_thread(process.wait)
+        await stop_process(self.process, timeout)
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -541,27 +532,33 @@ class Profiler:
         return top_functions(self.out, count)
 
 
-def top_functions(path: Path, count: int = 15) -> list[tuple[str, float, float]]:
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return []
+def _samples(path: Path) -> tuple[dict[str, int], dict[str, int], int]:
+    """py-spy's collapsed stacks → (own samples, inclusive samples, total) per function."""
     own: dict[str, int] = {}
     inclusive: dict[str, int] = {}
     total = 0
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return own, inclusive, total
     for line in lines:
         stack, _, number = line.rpartition(" ")
         if not number.isdigit():
             continue
-        samples = int(number)
-        frames = [_frame(f) for f in stack.split(";") if f and not f.startswith("process ")
-                  and not f.startswith("thread ")]
+        frames = [_frame(f) for f in stack.split(";") if f and not f.startswith(("process ", "thread "))]
         if not frames:
             continue
+        samples = int(number)
         total += samples
         own[frames[-1]] = own.get(frames[-1], 0) + samples
         for frame in set(frames):
             inclusive[frame] = inclusive.get(frame, 0) + samples
+    return own, inclusive, total
+
+
+def top_functions(path: Path, count: int = 15) -> list[tuple[str, float, float]]:
+    """(function, own share, inclusive share), hottest own time first."""
+    own, inclusive, total = _samples(path)
     if not total:
         return []
     ranked = sorted(own.items(), key=lambda kv: kv[1], reverse=True)[:count]
@@ -570,23 +567,7 @@ def top_functions(path: Path, count: int = 15) -> list[tuple[str, float, float]]
 
 def top_inclusive(path: Path, count: int = 15, contains: str = "") -> list[tuple[str, float]]:
     """Functions by inclusive share (optionally only those whose name contains `contains`)."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return []
-    inclusive: dict[str, int] = {}
-    total = 0
-    for line in lines:
-        stack, _, number = line.rpartition(" ")
-        if not number.isdigit():
-            continue
-        samples = int(number)
-        frames = {_frame(f) for f in stack.split(";") if f and not f.startswith(("process ", "thread "))}
-        if not frames:
-            continue
-        total += samples
-        for frame in frames:
-            inclusive[frame] = inclusive.get(frame, 0) + samples
+    _own, inclusive, total = _samples(path)
     if not total:
         return []
     ranked = sorted(((n, s) for n, s in inclusive.items() if contains in n), key=lambda kv: kv[1], reverse=True)

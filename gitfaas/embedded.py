@@ -50,6 +50,18 @@ def free_port(host: str = "127.0.0.1", preferred: int | None = None) -> int:
     raise EmbeddedNatsError("no free port")
 
 
+async def stop_process(process: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it lingers: never leave an orphan behind."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(asyncio.to_thread(process.wait), timeout)
+    except TimeoutError:
+        process.kill()
+        await asyncio.to_thread(process.wait)
+
+
 class EmbeddedNats:
     def __init__(self, store_dir: Path, port: int | None = None, host: str = "127.0.0.1",
                  extra_args: Sequence[str] = ()) -> None:
@@ -97,17 +109,7 @@ class EmbeddedNats:
         raise EmbeddedNatsError(f"nats-server did not listen on {self.url} within {timeout}s")
 
     async def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL if it lingers: never leave an orphan behind."""
-        process = self.process
-        if process is None or process.poll() is not None:
-            self.process = None
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(asyncio.to_thread(process.wait), timeout)
-        except TimeoutError:
-            process.kill()
-            await asyncio.to_thread(process.wait)
+        await stop_process(self.process, timeout)
         self.process = None
 
     def kill(self) -> None:
