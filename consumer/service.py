@@ -31,6 +31,7 @@ from consumer.variables import function_uid
 from gitfaas import natsconn
 from gitfaas.logs import get_logger
 from gitfaas.metrics import metrics_view
+from gitfaas.replay import replay_request
 from gitfaas.settings import Settings
 from gitfaas.status import StatusStore
 from gitfaas.subjects import (
@@ -38,6 +39,7 @@ from gitfaas.subjects import (
     HEADER_PARENT,
     HEADER_PUBLISHED_AT,
     HEADER_REQUEST_ID,
+    HEADER_RETRY,
     Subjects,
     decode_params,
 )
@@ -74,7 +76,7 @@ class Consumer:
         self.subjects = Subjects(settings.subject_prefix)
         self.executor = executor or make_executor(settings)
         self.repository = Repository(settings)
-        self.tracker = RequestTracker()
+        self.tracker = RequestTracker(retries_of=self._retries_of, retry=self._rerun)
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
         self._pull: ContinuousPull | None = None
@@ -253,9 +255,26 @@ class Consumer:
     async def _record(self, request_id: str, topic: str, msg: Msg, *, state: str, commit: str | None = None,
                       applied: list[Applied] | None = None, error: str | None = None) -> None:
         meta = msg.metadata
+        headers = msg.headers or {}
+        retry = headers.get(HEADER_RETRY, "0")
         await self.tracker.record(request_id, topic=topic, stream_seq=meta.sequence.stream,
-                                  attempts=meta.num_delivered, parent=(msg.headers or {}).get(HEADER_PARENT),
-                                  state=state, commit=commit, applied=applied, error=error)
+                                  attempts=meta.num_delivered, parent=headers.get(HEADER_PARENT),
+                                  state=state, commit=commit, applied=applied, error=error,
+                                  retry=int(retry) if retry.isdigit() else 0)
+
+    def _retries_of(self, topic: str) -> int:
+        config = self.config
+        found = config.topics.get(topic) if config else None
+        return found.retries if found else 0
+
+    async def _rerun(self, document: dict[str, Any]) -> None:
+        """A topic's `retries`: publish the failed request again, linked to it, numbered."""
+        assert self.js is not None and self.tracker.store is not None
+        number = int(document.get("retry") or 0) + 1
+        again = await replay_request(self.js, self.tracker.store, self.settings, document["request_id"],
+                                     {HEADER_RETRY: str(number)})
+        log.info("failed request re-run", request_id=document["request_id"], retry=number,
+                 new_request_id=again.request_id, topic=document.get("topic"))
 
     async def _process(
         self, msg: Msg, config: Configuration, topic_name: str, request_id: str, seq: int

@@ -7,6 +7,7 @@ message: the objects in the cluster are what matter, the status is a report abou
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from consumer import metrics
@@ -18,21 +19,28 @@ from gitfaas.status import StatusStore, merge_documents, new_status, record_job_
 log = get_logger("gitfaas.consumer")
 
 
+RetriesOf = Callable[[str], int]  # topic -> its `retries` in the configuration in use
+Retry = Callable[[dict[str, Any]], Awaitable[None]]  # re-run the request of this status document
+
+
 class RequestTracker:
-    def __init__(self, store: StatusStore | None = None) -> None:
+    def __init__(self, store: StatusStore | None = None, *, retries_of: RetriesOf | None = None,
+                 retry: Retry | None = None) -> None:
         self.store = store
         self.active_jobs = ActiveJobs()
+        self.retries_of = retries_of or (lambda _topic: 0)
+        self.retry = retry
 
     async def record(self, request_id: str, *, topic: str, stream_seq: int, attempts: int, parent: str | None,
                      state: str, commit: str | None = None, applied: list[Applied] | None = None,
-                     error: str | None = None) -> None:
+                     error: str | None = None, retry: int = 0) -> None:
         """Write what the consumer did with a request, and list it under its parent."""
         if self.store is None:
             return
 
         def change(document: dict[str, Any]) -> None:
             document.update(topic=topic, stream_seq=stream_seq, parent=parent, state=state, attempts=attempts,
-                            error=error)
+                            error=error, retry=retry)
             if commit is not None:
                 document["commit"] = commit
             if applied is not None:
@@ -65,9 +73,18 @@ class RequestTracker:
         if self.store is None:
             return
 
+        rerun: list[bool] = []
+
         def change(document: dict[str, Any]) -> None:
+            rerun.clear()  # the update may run this again after a concurrent write
             record_job_state(document, event.kind, event.namespace, event.name, event.state, event.reason)
             summarize(document)
+            # A topic's `retries`: the first writer to see the failure claims the re-run, so several
+            # consumer processes watching the same Job start it once.
+            if document["state"] == "failed" and not document.get("rerun") and \
+                    int(document.get("retry") or 0) < self.retries_of(document.get("topic") or ""):
+                document["rerun"] = True
+                rerun.append(True)
 
         try:
             # Created when the Job reports before the apply is recorded; `record` fills it in.
@@ -76,6 +93,12 @@ class RequestTracker:
         except Exception as exc:  # noqa: BLE001 — a lost status update must not stop the executor
             log.warning("job status not recorded", job=event.name, error=str(exc) or type(exc).__name__)
             return
+        if document is not None and rerun and self.retry is not None:
+            try:
+                await self.retry(document)
+            except Exception as exc:  # noqa: BLE001 — the failure stays recorded; an operator can replay
+                log.error("automatic re-run not published", request_id=event.request_id,
+                          error=str(exc) or type(exc).__name__)
         if document is not None:
             metrics.JOB_OUTCOMES.labels(document.get("topic", "?"), event.state).inc()
             log.info("job " + event.state, request_id=event.request_id, topic=document.get("topic"),

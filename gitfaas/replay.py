@@ -81,9 +81,11 @@ class DeadLetter:
         return None if self.time is None else max(0.0, time.time() - self.time.timestamp())
 
 
-async def republish(js: JetStreamContext, settings: Settings, original: StoredMessage, topic: str) -> Republished:
+async def republish(js: JetStreamContext, settings: Settings, original: StoredMessage, topic: str,
+                    extra: dict[str, str] | None = None) -> Republished:
     headers = {k: v for k, v in original.headers.items()
                if k.lower() in _KEPT or k.lower().startswith(_KEPT_PREFIXES)}
+    headers.update(extra or {})
     new_id = str(uuid.uuid4())
     headers[HEADER_REQUEST_ID] = new_id
     headers[HEADER_PARENT] = original.request_id
@@ -103,13 +105,13 @@ async def stored_message(js: JetStreamContext, stream: str, seq: int) -> StoredM
 
 
 async def replay_request(js: JetStreamContext, store: StatusStore, settings: Settings,
-                         request_id: str) -> Republished:
+                         request_id: str, extra: dict[str, str] | None = None) -> Republished:
     status = await store.get(request_id)
     if status is None:
         raise ReplayError(f"request {request_id} is unknown or its status has expired")
     original = await stored_message(js, settings.stream, int(status["stream_seq"]))
     topic = Subjects(settings.subject_prefix).topic_of(original.subject) or status["topic"]
-    return await republish(js, settings, original, topic)
+    return await republish(js, settings, original, topic, extra)
 
 
 async def iterate(js: JetStreamContext, stream: str, subject: str, *, since: datetime | None = None,

@@ -57,6 +57,7 @@ def new_status(request_id: str, topic: str, stream_seq: int, parent: str | None)
         "children": [],
         "state": "pending",
         "attempts": 0,
+        "retry": 0,
         "commit": None,
         "documents": [],
         "responses": [],

@@ -16,6 +16,8 @@ MAX_TOPIC_LENGTH = 200
 
 HEADER_REQUEST_ID = "Gitfaas-Request-Id"
 HEADER_PARENT = "Gitfaas-Parent"
+# Set on the automatic re-run of a request whose Job failed (a topic's `retries`): its number.
+HEADER_RETRY = "Gitfaas-Retry"
 HEADER_PARAM_PREFIX = "Gitfaas-Param-"
 # Set by the bridge: parameter values are percent-encoded, because a NATS header value cannot
 # hold a line break. A function publishing by hand may omit it and send raw values.

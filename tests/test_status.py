@@ -179,3 +179,30 @@ async def test_max_active_jobs_holds_messages_until_jobs_finish(
             observer.cancel()
         assert len(k8s.jobs()) == 10 and not active_jobs(k8s)
         assert most <= 2, f"{most} Jobs of the topic were active at once"
+
+
+async def test_a_topics_retries_rerun_a_failed_request_once_each(
+    nats_server: EmbeddedNats, k8s: EmulatorHandle, tmp_path: Path
+) -> None:
+    repo = GitRepo(tmp_path / "repo")
+    repo.commit({"config.json": config_json({"flaky": ["flaky.yaml"]}, flaky={"retries": 1}),
+                 "flaky.yaml": job_manifest("flaky")})
+    async with running_stack(make_settings(nats_server, k8s, repo.path, tmp_path)) as stack:
+        first = await publish_id(stack, "flaky", "payload")
+        [entry] = (await reaches(stack, first, "applied"))["documents"]
+        await k8s.set_job_status(entry["name"], condition="Failed", reason="BackoffLimitExceeded")
+        await reaches(stack, first, "failed")
+
+        [rerun] = await wait_for(lambda: [j for j in k8s.jobs() if env_of(j)["REQUEST_UUID"] != first],
+                                 message="the automatic re-run's Job")
+        second = env_of(rerun)["REQUEST_UUID"]
+        assert env_of(rerun)["MESSAGE"] == env_of(k8s.jobs()[0])["MESSAGE"], "the same message, run again"
+        document = await reaches(stack, second, "applied")
+        assert document["parent"] == first and document["retry"] == 1
+        assert second in (await status_of(stack, first))["children"]
+
+        await k8s.set_job_status(rerun["metadata"]["name"], condition="Failed", reason="BackoffLimitExceeded")
+        failed = await reaches(stack, second, "failed")
+        # The re-run decision is written together with the failure: `retries: 1` is spent.
+        assert not failed.get("rerun") and (await status_of(stack, first))["rerun"] is True
+        assert len(k8s.jobs()) == 2
