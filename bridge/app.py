@@ -410,7 +410,8 @@ class Bridge:
         commit = (self.config_state or {}).get("commit")
         ready = connected and stream_ok and bool(commit)
         detail = {"ready": ready, "nats": "connected" if connected else "disconnected",
-                  "stream": self.settings.stream if stream_ok else None, "configuration": commit}
+                  "stream": self.settings.stream if stream_ok else None, "configuration": commit,
+                  "error": (self.config_state or {}).get("error")}  # a refused commit, while the last good one serves
         return web.json_response(detail, status=200 if ready else 503)
 
 

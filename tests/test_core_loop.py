@@ -164,6 +164,8 @@ async def test_refresh_picks_up_a_new_commit_and_a_broken_one_keeps_serving(
     assert broken[:12] in state["error"] and "not valid JSON" in state["error"]
     status, topics = await stack.get_json("/topics")
     assert status == 200 and "not valid JSON" in topics["error"]
+    status, ready = await stack.get_json("/readyz")
+    assert status == 200 and "not valid JSON" in ready["error"], "still ready: the last good commit serves"
     assert sorted(t["name"] for t in topics["topics"]) == ["hello", "later"]
     assert (await stack.publish("hello", "still works")).status == 202
     await wait_for(lambda: len(jobs_named(k8s, "hello-")) == 1, message="hello Job after a broken commit")
