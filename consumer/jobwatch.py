@@ -63,10 +63,15 @@ class JobWatcher:
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._follow(ns), name=f"jobwatch-{ns}") for ns in self._namespaces]
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 2.0) -> None:
+        """Cancel the watches; do not wait on a server that keeps a cancelled stream open (seen
+        with a watch that was being re-established while we stopped)."""
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            _done, pending = await asyncio.wait(self._tasks, timeout=timeout)
+            if pending:
+                log.warning("job watch still closing at shutdown", namespaces=self._namespaces)
         self._tasks = []
 
     async def _follow(self, namespace: str) -> None:
