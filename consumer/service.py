@@ -125,7 +125,9 @@ class Consumer:
         if self._tasks:
             _done, pending = await asyncio.wait(self._tasks, timeout=grace)
             for task in pending:
-                task.cancel()
+                task.cancel()  # each hands its message back (nak) as it unwinds: let that happen
+            if pending:
+                await asyncio.wait(pending, timeout=2)
         if self._http is not None:
             await self._http.cleanup()
         # Before NATS closes: the executor's last reports (e.g. local Jobs interrupted) still land.
