@@ -266,6 +266,9 @@ class Bridge:
 
         request_id = str(uuid.uuid4())
         parent = request.query.get("parent") or request.headers.get(HEADER_PARENT)
+        if parent is not None and (len(parent) > 256 or not parent.isprintable()):
+            # It travels in a NATS header: a line break would smuggle headers of its own.
+            return json_error(400, "parent must be a request id: printable, at most 256 characters")
         try:
             headers = request_headers(
                 request_id,

@@ -180,6 +180,8 @@ async def test_unknown_topic_bad_name_and_oversized_body(stack: Stack, k8s: Emul
     assert response.status == 413 and "MAX_PAYLOAD_BYTES" in (await response.json())["error"]
     response = await stack.publish("hello", b"x" * stack.settings.max_payload_bytes)
     assert response.status == 202
+    response = await stack.publish("hello", "x", params={"parent": "a\r\nNats-Msg-Id: forged"})
+    assert response.status == 400 and "parent" in (await response.json())["error"]
     response = await stack.publish("hello", "x", params={"RANDOM": "mine"})
     assert response.status == 400 and "RANDOM" in (await response.json())["error"]
     response = await stack.publish("hello", b"{not json", headers={"Content-Type": "application/json"})
