@@ -80,6 +80,7 @@ PROPERTY = settings(max_examples=150, deadline=None, database=None,
 
 
 def key_paths(node: Any, prefix: tuple[Any, ...] = ()) -> set[tuple[Any, ...]]:
+    """Every key and item position of a document: what a value must never add to, remove or rename."""
     paths: set[tuple[Any, ...]] = set()
     children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
     for key, child in children:

@@ -47,18 +47,9 @@ from tests.conftest import GitRepo, config_json, job_manifest, make_settings, ru
 from tests.emulator import EmulatorHandle
 from tests.test_configuration import has_problem, problems_of
 from tests.test_core_loop import dead_letters
+from tests.test_render_properties import key_paths
 
 SETTINGS = Settings(kube_namespace="default", allowed_namespaces=("default", "pipelines"))
-
-
-def key_paths(node: Any, prefix: tuple[Any, ...] = ()) -> set[tuple[Any, ...]]:
-    """Every key and item position of a document: what a value must never add to, remove or rename."""
-    paths: set[tuple[Any, ...]] = set()
-    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-    for key, child in children:
-        paths.add((*prefix, key))
-        paths |= key_paths(child, (*prefix, key))
-    return paths
 
 
 def all_objects(k8s: EmulatorHandle) -> list[dict[str, Any]]:
