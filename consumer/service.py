@@ -281,8 +281,9 @@ class Consumer:
     async def _process(
         self, msg: Msg, config: Configuration, topic_name: str, request_id: str, seq: int
     ) -> list[Applied]:
+        identity = identity_of(msg, request_id)
         documents = render_request(self.settings, config, Request(
-            topic=topic_name, request_id=request_id, identity=identity_of(msg, request_id), stream_seq=seq,
+            topic=topic_name, request_id=request_id, identity=identity, stream_seq=seq,
             body=msg.data or b"", params=decode_params(msg.headers)))
         topic = config.topics[topic_name]
         jobs = sum(1 for d in documents if d.get("kind") == "Job" and d.get("apiVersion") == "batch/v1")
@@ -299,7 +300,7 @@ class Consumer:
                 for ordinal, document in enumerate(documents):
                     result = await self.executor.apply(document)
                     applied.append(result.with_function_uid(
-                        function_uid(request_id, identity_of(msg, request_id), ordinal)))
+                        function_uid(request_id, identity, ordinal)))
         finally:
             if held:
                 await self.tracker.active_jobs.applied(topic_name, jobs, [
