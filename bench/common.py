@@ -1,6 +1,6 @@
 """What the benchmarks share: the machine, tables, child processes and the services they run.
 
-Every service runs as its own process (`python -m gitfaas bridge|consumer`, `python -m
+Every service runs as its own process (`python -m cli bridge|consumer`, `python -m
 bench.emulator_server`, the wheel's `nats-server`), so the bench process only drives load and
 measures. All of them listen on 127.0.0.1.
 """
@@ -435,7 +435,7 @@ def service_env(nats_url: str, **extra: str) -> dict[str, str]:
 
 def start_bridge(work: Path, nats_url: str, name: str = "bridge") -> Service:
     port = free_port()
-    child = Child(name, [PYTHON, "-m", "gitfaas", "bridge"], work / f"{name}.log",
+    child = Child(name, [PYTHON, "-m", "cli", "bridge"], work / f"{name}.log",
                   service_env(nats_url, BRIDGE_HOST="127.0.0.1", BRIDGE_PORT=str(port)))
     child.start()
     return Service(child, f"http://127.0.0.1:{port}")
@@ -444,7 +444,7 @@ def start_bridge(work: Path, nats_url: str, name: str = "bridge") -> Service:
 def start_consumer(work: Path, nats_url: str, repo: Path, kubeconfig: Path, bridge_url: str,
                    max_concurrency: int = 32, name: str = "consumer") -> Service:
     port = free_port()
-    child = Child(name, [PYTHON, "-m", "gitfaas", "consumer"], work / f"{name}.log", service_env(
+    child = Child(name, [PYTHON, "-m", "cli", "consumer"], work / f"{name}.log", service_env(
         nats_url, GIT_URL=str(repo), GIT_CACHE_DIR=str(work / f"{name}-git-cache"), GIT_POLL_SECONDS="0",
         EXECUTOR="kubernetes", KUBECONFIG=str(kubeconfig), KUBE_NAMESPACE="default",
         CONSUMER_HOST="127.0.0.1", CONSUMER_HTTP_PORT=str(port), BRIDGE_URL=bridge_url,

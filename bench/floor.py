@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 MODULES = {
-    "consumer": ["consumer.service", "consumer.executors.kubernetes", "consumer.jobwatch", "gitfaas.cli"],
-    "bridge": ["bridge.app", "gitfaas.cli"],
+    "consumer": ["consumer.service", "consumer.executors.kubernetes", "consumer.jobwatch", "cli.main"],
+    "bridge": ["bridge.app", "cli.main"],
 }
 
 

@@ -16,7 +16,7 @@ from kubernetes_asyncio.client import ApiClient, BatchV1Api
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.watch import Watch
 
-from consumer.executors import JobEvent, JobEvents
+from consumer.executors.base import JobEvent, JobEvents
 from consumer.prepare import ANNOTATION_REQUEST_ID, ANNOTATION_TOPIC, MANAGED_BY
 from gitfaas.logs import get_logger
 

@@ -23,7 +23,8 @@ from consumer import metrics
 from consumer.configuration import Configuration
 from consumer.documents import Request, render_request
 from consumer.errors import PermanentError, TransientError
-from consumer.executors import Applied, Executor, make_executor
+from consumer.executors.base import Applied, Executor
+from consumer.executors.factory import make_executor
 from consumer.pull import ContinuousPull
 from consumer.repository import Repository
 from consumer.tracking import RequestTracker

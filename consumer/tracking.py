@@ -12,7 +12,7 @@ from typing import Any
 
 from consumer import metrics
 from consumer.backpressure import ActiveJobs
-from consumer.executors import Applied, JobEvent
+from consumer.executors.base import Applied, JobEvent
 from gitfaas.logs import get_logger
 from gitfaas.status import StatusStore, merge_documents, new_status, record_job_state, summarize
 

@@ -26,7 +26,7 @@ class ConsumerProcess:
 
     async def start(self) -> ConsumerProcess:
         log = self.log_path.open("ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "gitfaas", "consumer"], env=self.env,
+        self.process = subprocess.Popen([sys.executable, "-m", "cli", "consumer"], env=self.env,
                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         await wait_for(self.ready, timeout=20, message=f"consumer on :{self.port} to be ready ({self.log_path})")
         return self

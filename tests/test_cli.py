@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from gitfaas.operator import publish, status
+from cli.operator import publish, status
 from tests.conftest import Stack, wait_for
 from tests.emulator import EmulatorHandle
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def gitfaas(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gitfaas", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=60, env={**os.environ, **(env or {})})
 
 

@@ -11,9 +11,9 @@ from typing import Any
 import nats
 import pytest
 
+from cli.operator import dead, replay
 from gitfaas import natsconn
 from gitfaas.embedded import EmbeddedNats
-from gitfaas.operator import dead, replay
 from gitfaas.settings import Settings
 from tests.conftest import GitRepo, Stack, config_json, job_manifest, make_settings, running_stack, wait_for
 from tests.emulator import EmulatorHandle

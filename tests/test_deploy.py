@@ -604,12 +604,14 @@ def test_dockerfile_shape():
     assert all(re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?", base) for base in bases), bases
     assert len(set(bases)) == 1, "one base for both stages: the venv moves between them"
     build, final = stages[0], stages[-1]
-    # Dependencies before code: pyproject.toml is copied (and wheels built) before any source.
+    # Dependencies before code, from the lock (exact versions and hashes): the lock file alone is
+    # copied and installed before any source.
     copies = [line for line in build if line.startswith("COPY ")]
-    assert copies[0] == "COPY pyproject.toml ./"
+    assert copies[0].split()[1] == "requirements/runtime.txt"
     first_source = next(i for i, line in enumerate(build) if line.startswith("COPY ") and "gitfaas" in line)
-    wheels = next(i for i, line in enumerate(build) if "pip wheel" in line)
-    assert wheels < first_source
+    locked = next(i for i, line in enumerate(build)
+                  if "--require-hashes" in line and "requirements/runtime.txt" in line)
+    assert locked < first_source
     text = "\n".join(final)
     assert not re.search(r"\b(gcc|g\+\+|build-essential|make|python3-dev)\b", text), "no build tools at run time"
     assert re.search(r"apt-get install -y --no-install-recommends [^&]*\bgit\b", text)

@@ -6,7 +6,7 @@ import pytest
 from kubernetes_asyncio import config
 
 from consumer import jobwatch
-from consumer.executors import JobEvent
+from consumer.executors.base import JobEvent
 from consumer.jobwatch import JobWatcher, job_state
 from tests.conftest import wait_for
 from tests.emulator import EmulatorHandle, job_status

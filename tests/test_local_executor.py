@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from consumer.errors import PermanentError
-from consumer.executors import JobEvent
+from consumer.executors.base import JobEvent
 from consumer.executors.local import LocalExecutor, expand, volume_variable
 from gitfaas.settings import Settings
 from tests.conftest import wait_for

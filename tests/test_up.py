@@ -38,7 +38,7 @@ async def test_up_runs_the_example_pipeline_to_its_final_file(tmp_path: Path) ->
     log = (tmp_path / "up.log").open("wb")
     env = {**os.environ, "LOG_FORMAT": "json", "CONSUMER_HTTP_PORT": str(free_port())}
     up = subprocess.Popen(
-        [sys.executable, "-m", "gitfaas", "up", "--repo", "examples/pipeline", "--port", str(port),
+        [sys.executable, "-m", "cli", "up", "--repo", "examples/pipeline", "--port", str(port),
          "--state-dir", str(state)],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )

@@ -7,7 +7,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from consumer.executors import Applied, JobEvents
+from consumer.executors.base import Applied, JobEvents
 
 
 class DryRunExecutor:

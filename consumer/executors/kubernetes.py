@@ -22,7 +22,7 @@ from kubernetes_asyncio.dynamic import DynamicClient
 from kubernetes_asyncio.dynamic.exceptions import DynamicApiError, ResourceNotFoundError
 
 from consumer.errors import PermanentError, TransientError
-from consumer.executors import Applied, JobEvents
+from consumer.executors.base import Applied, JobEvents
 from consumer.jobwatch import JobWatcher
 from gitfaas.settings import Settings
 

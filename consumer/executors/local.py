@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from consumer.errors import PermanentError, TransientError
-from consumer.executors import Applied, JobEvent, JobEvents, NoJobEvents
+from consumer.executors.base import Applied, JobEvent, JobEvents, NoJobEvents
 from consumer.prepare import ANNOTATION_REQUEST_ID, ANNOTATION_TOPIC, LABEL_REQUEST_ID
 from gitfaas.logs import get_logger
 from gitfaas.settings import Settings

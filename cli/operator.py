@@ -1,6 +1,6 @@
 """The operator commands of the CLI: publish, status, replay and dead letters, printed for people.
 
-Kept apart from `cli.py` (argument parsing) so each command is a plain coroutine that takes
+Kept apart from `main.py` (argument parsing) so each command is a plain coroutine that takes
 settings and returns an exit code.
 """
 

@@ -1,4 +1,4 @@
-"""The `gitfaas` command (§9). It wires services together; no service imports it."""
+"""The `gitfaas` command. The top layer: it wires the services together, and nothing imports it."""
 
 from __future__ import annotations
 
@@ -80,14 +80,14 @@ def cmd_consumer(_args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    from gitfaas.launcher import up
+    from cli.up import up
 
     return _run(lambda: up(settings, repo=args.repo, executor=args.executor, port=args.port,
                            state_dir=Path(args.state_dir)))
 
 
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
-    from gitfaas.operator import replay
+    from cli.operator import replay
 
     if not args.request_id and not args.topic:
         print("gitfaas replay: give a REQUEST_ID or --topic T", file=sys.stderr)
@@ -100,31 +100,31 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_dead(args: argparse.Namespace, settings: Settings) -> int:
-    from gitfaas.operator import dead
+    from cli.operator import dead
 
     return _once(dead(settings, args.action, args.seq, args.all, args.json))
 
 
 def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
-    from gitfaas.operator import publish
+    from cli.operator import publish
 
     return _once(publish(settings, args.topic, _body(args.data), _params(args.param), args.wait, args.timeout))
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from gitfaas.operator import status
+    from cli.operator import status
 
     return _once(status(settings, args.request_id, args.json, args.tree))
 
 
 def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
-    from gitfaas.authoring import validate
+    from cli.authoring import validate
 
     return validate(settings, args.repo)
 
 
 def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
-    from gitfaas.authoring import render
+    from cli.authoring import render
 
     return render(settings, args.repo, args.topic, _body(args.message), dict(_params(args.param)))
 
