@@ -9,10 +9,11 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from gitfaas import logs
+from gitfaas import logs, settings_doc
 from gitfaas.settings import Settings, SettingsError
 
 EXAMPLES = """\
@@ -99,10 +100,24 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         return 2
 
 
+def _confirm_purge(count: int) -> bool:
+    """Purging cannot be undone: ask a person, and refuse when nobody is there to answer."""
+    question = f"purge {count} dead letter(s)? They cannot be redriven afterwards. [y/N] "
+    if not sys.stdin.isatty():
+        print(f"gitfaas dead purge: {count} dead letter(s) would be deleted for good; "
+              "add --yes to confirm (standard input is not a terminal to ask)", file=sys.stderr)
+        return False
+    try:
+        return input(question).strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
+
+
 def cmd_dead(args: argparse.Namespace, settings: Settings) -> int:
     from cli.operator import dead
 
-    return _once(dead(settings, args.action, args.seq, args.all, args.json))
+    return _once(dead(settings, args.action, args.seq, args.all, args.json,
+                      confirm=None if args.yes else _confirm_purge))
 
 
 def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
@@ -132,6 +147,13 @@ def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
 SERVICES = frozenset({"up", "bridge", "consumer"})  # log at LOG_LEVEL; the tools only warn
 
 
+def _version() -> str:
+    try:
+        return metadata.version("gitfaas")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gitfaas",
@@ -139,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"gitfaas {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", help="run NATS, the bridge and the consumer on this machine",
@@ -154,15 +177,21 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--state-dir", default=".gitfaas", help="where NATS keeps its data (default .gitfaas)")
     up.set_defaults(func=cmd_up)
 
-    bridge = sub.add_parser("bridge", help="run the HTTP bridge (configured by environment, §8)")
+    bridge = sub.add_parser("bridge", help="run the HTTP bridge (configured by environment variables)",
+                            description="The HTTP edge: validates, publishes to JetStream, answers.",
+                            epilog=settings_doc.help_text(settings_doc.BRIDGE),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     bridge.set_defaults(func=cmd_bridge)
-    consumer = sub.add_parser("consumer", help="run the consumer (configured by environment, §8)")
+    consumer = sub.add_parser("consumer", help="run the consumer (configured by environment variables)",
+                              description="Keeps the repository in sync, renders and applies each message.",
+                              epilog=settings_doc.help_text(settings_doc.CONSUMER),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     consumer.set_defaults(func=cmd_consumer)
 
     publish = sub.add_parser(
         "publish", help="publish a message on a topic straight to NATS, like the bridge does",
-        epilog="examples:\n  gitfaas publish timeToCollect 'hello'\n  echo '{\"a\": 1}' | gitfaas publish convert - "
-               "-p replicas=2 --wait",
+        epilog="examples:\n  gitfaas publish timeToCollect 'hello'\n"
+               "  echo '{\"rows\": 20}' | gitfaas publish timeToCollect - --wait",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     publish.add_argument("topic")
     publish.add_argument("data", nargs="?", default="", help="the body; - reads standard input")
@@ -193,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     render = sub.add_parser(
         "render", help="print the documents a message on TOPIC would apply",
         epilog="examples:\n  gitfaas render timeToCollect --repo examples/pipeline --message hello\n"
-               "  gitfaas render scale -p replicas=2",
+               "  gitfaas render timeToCollect --repo examples/pipeline --message '{\"rows\": 5}' -p who=me",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     render.add_argument("topic")
     render.add_argument("--repo", default=os.environ.get("GIT_URL") or ".", help="directory or git URL")
@@ -215,12 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     dead = sub.add_parser(
         "dead", help="the dead letters: what failed and why, and sending them through again",
         epilog="examples:\n  gitfaas dead list\n  gitfaas dead show 12\n  gitfaas dead redrive 12\n"
-               "  gitfaas dead redrive --all\n  gitfaas dead purge",
+               "  gitfaas dead redrive --all\n  gitfaas dead purge --yes",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     dead.add_argument("action", choices=["list", "show", "redrive", "purge"])
     dead.add_argument("seq", nargs="?", type=int, help="dead letter sequence (show, redrive)")
     dead.add_argument("--all", action="store_true", help="redrive every dead letter")
     dead.add_argument("--json", action="store_true", help="list as JSON")
+    dead.add_argument("--yes", action="store_true", help="purge without asking")
     dead.set_defaults(func=cmd_dead)
     return parser
 

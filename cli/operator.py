@@ -10,6 +10,7 @@ import json
 import re
 import sys
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
@@ -82,7 +83,8 @@ async def replay(settings: Settings, request_id: str | None, topic: str | None, 
 
 
 async def dead(settings: Settings, action: str, seq: int | None, all_: bool, as_json: bool,
-               out: TextIO = sys.stdout) -> int:
+               out: TextIO = sys.stdout, confirm: Callable[[int], bool] | None = None) -> int:
+    """`confirm(count)` is asked before a purge (None: no question, as with `--yes`)."""
     nc = await _connect(settings)
     try:
         js = nc.jetstream()
@@ -135,6 +137,13 @@ async def dead(settings: Settings, action: str, seq: int | None, all_: bool, as_
                 print("no dead letters", file=out)
             return 0
         if action == "purge":
+            waiting = len(await dead_letters(js, settings))
+            if not waiting:
+                print("no dead letters", file=out)
+                return 0
+            if confirm is not None and not confirm(waiting):
+                print("gitfaas dead purge: nothing purged", file=sys.stderr)
+                return 1
             count = await purge_dead(js, settings)
             print(f"purged {count} dead letter(s)", file=out)
             return 0

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import io
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import nats
 import yaml
 
 from cli.operator import publish, status
+from gitfaas import natsconn, settings_doc
+from gitfaas.embedded import EmbeddedNats
+from gitfaas.settings import Settings
 from tests.conftest import Stack, wait_for
 from tests.emulator import EmulatorHandle
 
@@ -50,7 +57,7 @@ def test_validate_lists_every_problem_with_file_and_line(tmp_path: Path) -> None
     assert "nowhere.yaml: manifest file not found" in out
     assert "../outside.yaml: manifest path must be relative and stay inside the repository" in out
     assert "secret.yaml:1: kind Secret is banned" in out
-    assert "broken.yaml:5: while parsing a flow sequence" in out
+    assert "broken.yaml:5: " in out  # the YAML library words the syntax error itself
     assert "nameless.yaml:1: document has no metadata.name" in out
     assert "6 problem(s)" in out
 
@@ -131,3 +138,63 @@ async def test_publish_waits_and_status_shows_the_tree(stack: Stack, k8s: Emulat
     assert text.index(request_id) < text.index(child_id)
     buffer = io.StringIO()
     assert await status(stack.settings, "no-such-request", False, False, out=buffer) == 1
+
+
+# ---- small things people expect -------------------------------------------------------------------
+
+
+def test_version_is_printed() -> None:
+    result = gitfaas("--version")
+    assert result.returncode == 0
+    assert re.fullmatch(r"gitfaas \d+\.\d+\.\d+\S*\n", result.stdout), result.stdout
+
+
+def _settings_read_by_the_services() -> set[str]:
+    """Every variable `Settings.from_env` reads, from its source (so a new setting cannot be forgotten)."""
+    source = (ROOT / "gitfaas" / "settings.py").read_text()
+    body = source[source.index("def from_env"):source.index("def _own_namespace")]
+    return set(re.findall(r'"([A-Z][A-Z0-9_]+)"', body)) - set(settings_doc.ALIASES)
+
+
+def test_service_help_lists_every_setting_the_service_reads() -> None:
+    documented = {variable.name for variable in settings_doc.VARIABLES}
+    assert _settings_read_by_the_services() <= documented, "document these in gitfaas/settings_doc.py"
+    for service in (settings_doc.BRIDGE, settings_doc.CONSUMER):
+        shown = gitfaas(service, "--help").stdout
+        for variable in settings_doc.VARIABLES:
+            assert (variable.name in shown) == (service in variable.services), (service, variable.name)
+
+
+def test_help_texts_carry_no_internal_section_numbers_and_examples_use_real_topics() -> None:
+    topics = {topic["name"] for topic in json.loads((ROOT / "examples/pipeline/config.json").read_text())["topics"]}
+    commands = ["up", "bridge", "consumer", "publish", "status", "validate", "render", "replay", "dead"]
+    for command in [None, *commands]:
+        text = gitfaas(*([command] if command else []), "--help").stdout
+        assert "§" not in text, command
+        examples = text.partition("\nexample")[2]
+        for example in re.findall(r"gitfaas (?:publish|render) (\S+)", examples):
+            assert example in topics, f"{command} --help uses topic {example!r}"
+        for example in re.findall(r"--topic (\S+)", examples):
+            assert example in topics, f"{command} --help uses topic {example!r}"
+
+
+async def test_dead_purge_asks_first_and_refuses_without_a_terminal(nats_server: EmbeddedNats) -> None:
+    settings = Settings(nats_url=nats_server.url)
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await natsconn.ensure_stream(js, natsconn.dead_stream_config(settings))
+        await js.publish("gitfaas.dead.timeToCollect", b"lost", headers={"Gitfaas-Error": "boom"})
+    finally:
+        await nc.close()
+    env = {"NATS_URL": nats_server.url}
+
+    refused = await asyncio.to_thread(gitfaas, "dead", "purge", env=env)
+    assert refused.returncode == 1
+    assert "1 dead letter(s) would be deleted for good; add --yes to confirm" in refused.stderr
+    assert "1 " in (await asyncio.to_thread(gitfaas, "dead", "list", env=env)).stdout
+
+    purged = await asyncio.to_thread(gitfaas, "dead", "purge", "--yes", env=env)
+    assert purged.returncode == 0, purged.stderr
+    assert "purged 1 dead letter(s)" in purged.stdout
+    assert "no dead letters" in (await asyncio.to_thread(gitfaas, "dead", "list", env=env)).stdout
