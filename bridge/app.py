@@ -29,6 +29,15 @@ from gitfaas import natsconn
 from gitfaas.logs import get_logger
 from gitfaas.message import request_headers
 from gitfaas.metrics import json_error, metrics_view
+from gitfaas.publishing import (
+    NO_CONFIGURATION,
+    WAITS,
+    ConfigurationView,
+    content_type_refusal,
+    declares_json,
+    too_large,
+    wait_status,
+)
 from gitfaas.replay import ReplayError, replay_request
 from gitfaas.settings import Settings
 from gitfaas.status import StatusStore, request_key_of_function, set_response
@@ -69,27 +78,6 @@ NATS_UNAVAILABLE = (
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def is_applied(document: dict[str, Any]) -> bool:
-    return document.get("state") not in (None, "pending")
-
-
-def is_completed(document: dict[str, Any]) -> bool:
-    """Finished: its Jobs ended (or it has none and is applied), or it was given up on."""
-    state = document.get("state")
-    if state in ("succeeded", "failed", "dead"):
-        return True
-    has_jobs = any(d.get("kind") == "Job" for d in document.get("documents", []))
-    return state == "applied" and not has_jobs
-
-
-def accepted_content_type(content_type: str) -> bool:
-    """Bodies are opaque bytes; only types that are clearly not one message are refused."""
-    if content_type in ("", "application/octet-stream", "application/json",
-                        "application/x-www-form-urlencoded"):  # curl -d sends the last one
-        return True
-    return content_type.startswith("text/") or content_type.endswith("+json")
-
-
 async def read_limited(request: web.Request, limit: int) -> bytes | None:
     """The body, or None as soon as more than `limit` bytes have arrived.
 
@@ -112,6 +100,7 @@ class Bridge:
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
         self.config_state: dict[str, Any] | None = None
+        self.configuration = ConfigurationView(None)  # what a publish is checked against, from config_state
         self._topics: frozenset[str] = frozenset()
         self._config_kv: KeyValue | None = None
         self.status: StatusStore | None = None
@@ -160,7 +149,8 @@ class Bridge:
 
     def _set_state(self, state: dict[str, Any]) -> None:
         self.config_state = state
-        self._topics = frozenset(t["name"] for t in state.get("topics", []) if isinstance(t, dict))
+        self.configuration = ConfigurationView(state)
+        self._topics = frozenset(self.configuration.topics)
 
     # ---- application -----------------------------------------------------------------------
 
@@ -189,7 +179,7 @@ class Bridge:
         try:
             return await handler(request)
         except web.HTTPRequestEntityTooLarge:
-            return json_error(413, f"body is larger than MAX_PAYLOAD_BYTES ({self.settings.max_payload_bytes})")
+            return json_error(413, too_large(self.settings.max_payload_bytes))
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -233,8 +223,8 @@ class Bridge:
         except InvalidName as exc:
             return json_error(400, str(exc))
         wait = request.query.get("wait")
-        if wait is not None and wait not in ("applied", "completed"):
-            return json_error(400, f"wait must be 'applied' or 'completed', not {wait!r}")
+        if wait is not None and wait not in WAITS:
+            return json_error(400, f"wait must be {' or '.join(repr(w) for w in WAITS)}, not {wait!r}")
         try:
             wait_timeout = float(request.query.get("timeout", DEFAULT_WAIT_SECONDS))
         except ValueError:
@@ -243,22 +233,22 @@ class Bridge:
             return json_error(400, f"timeout must be between 0 and {MAX_WAIT_SECONDS:.0f} seconds")
         if self.nc is None or self.js is None or not self.nc.is_connected:
             return json_error(503, "NATS is unavailable; the message was not accepted")
-        if self.config_state is None or not self.config_state.get("commit"):
-            return json_error(503, "no configuration loaded yet (is a consumer running?)")
-        if topic not in self._topics:
-            return json_error(404, f"topic {topic!r} is not in the configuration in use "
-                                   f"(commit {self.config_state.get('commit')})")
+        params = [(k, v) for k, v in request.query.items() if k not in RESERVED_QUERY]
+        # No configuration yet, an unknown topic, or a parameter that no value and no default gives.
+        refusal = self.configuration.refusal(topic, {name for name, _ in params})
+        if refusal is not None:
+            return json_error(refusal.status, refusal.error)
         content_type = request.content_type if request.headers.get("Content-Type") else ""
-        if not accepted_content_type(content_type):
-            return json_error(415, f"content type {content_type!r} is not supported: send text/plain, "
-                                   "application/json, application/octet-stream or no body")
+        refused_type = content_type_refusal(content_type)
+        if refused_type is not None:
+            return json_error(415, refused_type)
         limit = self.settings.max_payload_bytes
         if request.content_length is not None and request.content_length > limit:
-            return json_error(413, f"body is larger than MAX_PAYLOAD_BYTES ({limit})")
+            return json_error(413, too_large(limit))
         body = await read_limited(request, limit)
         if body is None:
-            return json_error(413, f"body is larger than MAX_PAYLOAD_BYTES ({limit})")
-        if content_type == "application/json" or content_type.endswith("+json"):
+            return json_error(413, too_large(limit))
+        if declares_json(content_type):
             try:
                 json.loads(body or b"null")
             except (ValueError, UnicodeDecodeError) as exc:
@@ -272,7 +262,7 @@ class Bridge:
         try:
             headers = request_headers(
                 request_id,
-                ((k, v) for k, v in request.query.items() if k not in RESERVED_QUERY),
+                params,
                 content_type=content_type,
                 idempotency_key=request.headers.get("Idempotency-Key"),
                 parent=parent,
@@ -297,15 +287,15 @@ class Bridge:
     async def _wait(self, answer: dict[str, Any], wait: str, timeout: float) -> web.Response:
         """`?wait=`: answer from a watch of the request's status key, not by polling."""
         assert self.status is not None
-        done = is_applied if wait == "applied" else is_completed
         try:
-            reached, document = await self.status.wait(answer["request_id"], done, timeout)
+            reached, document = await self.status.wait(answer["request_id"], WAITS[wait], timeout)
         except NATS_UNAVAILABLE as exc:
             return json_error(503, f"accepted as {answer['request_id']}, but its status is unavailable: "
                                    f"{type(exc).__name__}")
         if document is None:
             document = {**answer, "state": "pending"}
-        return web.json_response(document, status=200 if reached else 504)
+        # 200 reached; 422 the request ended failed, dead or cancelled; 504 still on its way.
+        return web.json_response(document, status=wait_status(reached, document))
 
     async def _original_request_id(self, seq: int) -> str | None:
         """A duplicate publish answers with the first request's id, read back from the stream."""
@@ -382,7 +372,7 @@ class Bridge:
     async def topics(self, _request: web.Request) -> web.Response:
         if self.config_state is None:
             return web.json_response({"commit": None, "loaded_at": None, "topics": [],
-                                      "error": "no configuration loaded yet (is a consumer running?)"})
+                                      "error": NO_CONFIGURATION})
         return web.json_response(self.config_state)
 
     async def refresh(self, _request: web.Request) -> web.Response:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gitfaas import logs, settings_doc
+from gitfaas.publishing import WAITS
 from gitfaas.settings import Settings, SettingsError
 
 EXAMPLES = """\
@@ -197,7 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("data", nargs="?", default="", help="the body; - reads standard input")
     publish.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
                          help="a template parameter (repeatable)")
-    publish.add_argument("--wait", action="store_true", help="wait until applied and print the status")
+    publish.add_argument("--wait", nargs="?", const="applied", choices=list(WAITS), metavar="STATE",
+                         help=f"wait until the request is {' or '.join(WAITS)} (alone: applied; put it after "
+                              "DATA) and print its status; exit 0 only if it got there, 1 if it ended failed, "
+                              "dead or cancelled, 3 at the timeout")
     publish.add_argument("--timeout", type=float, default=60.0, help="seconds --wait waits (default 60)")
     publish.set_defaults(func=cmd_publish)
 

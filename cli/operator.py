@@ -14,17 +14,22 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
+import nats.errors
 from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoStreamResponseError, NotFoundError
 
 from gitfaas import natsconn
 from gitfaas.message import request_headers
+from gitfaas.publishing import WAITS, ConfigurationView, too_large, wait_sentence, wait_status
 from gitfaas.replay import ReplayError, dead_letter, dead_letters, purge_dead, redrive, replay_request, replay_topic
 from gitfaas.settings import Settings
 from gitfaas.status import StatusStore
-from gitfaas.subjects import InvalidName, Subjects, check_topic
+from gitfaas.subjects import CONFIG_BUCKET, CONFIG_KEY, InvalidName, Subjects, check_topic
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+PUBLISH_TIMEOUT_SECONDS = 5.0
 
 
 def parse_since(text: str) -> datetime:
@@ -49,9 +54,13 @@ def _age(seconds: float | None) -> str:
     return f"{seconds:.0f}s"
 
 
+async def _quiet(_exc: Exception) -> None:
+    """A command says what went wrong once, in its own line; the client's own reports would repeat it."""
+
+
 async def _connect(settings: Settings) -> Client:
     try:
-        return await natsconn.connect(settings, "gitfaas-cli", attempts=1)
+        return await natsconn.connect(settings, "gitfaas-cli", attempts=1, error_cb=_quiet)
     except Exception as exc:  # noqa: BLE001 — any failure to connect means the same to a person
         raise SystemExit(f"gitfaas: cannot reach NATS at {natsconn.display_servers(settings)}: "
                          f"{exc or type(exc).__name__}") from None
@@ -153,9 +162,33 @@ async def dead(settings: Settings, action: str, seq: int | None, all_: bool, as_
         await nc.close()
 
 
-async def publish(settings: Settings, topic: str, data: bytes, params: list[tuple[str, str]], wait: bool,
+async def _configuration(js: JetStreamContext) -> ConfigurationView:
+    """The configuration in use, read from the `gitfaas_config` bucket as the bridge reads it."""
+    try:
+        entry = await (await js.key_value(CONFIG_BUCKET)).get(CONFIG_KEY)
+    except (BucketNotFoundError, KeyNotFoundError, NotFoundError):
+        return ConfigurationView(None)  # no consumer has ever loaded a configuration on this NATS
+    return ConfigurationView(json.loads(entry.value) if entry.value else None)
+
+
+def _nats_failure(settings: Settings, exc: BaseException) -> str:
+    """One line for a NATS failure after connecting: what did not happen, and why."""
+    if isinstance(exc, NoStreamResponseError):
+        return (f"no JetStream stream stores the topic's subject on {natsconn.display_servers(settings)} "
+                f"(stream {settings.stream} is created when the bridge or the consumer starts); nothing was published")
+    if isinstance(exc, TimeoutError):
+        return f"NATS did not answer in time ({type(exc).__name__}); the message may not have been stored"
+    return f"NATS error: {exc or type(exc).__name__}"
+
+
+async def publish(settings: Settings, topic: str, data: bytes, params: list[tuple[str, str]], wait: str | None,
                   timeout: float, out: TextIO = sys.stdout) -> int:
-    """Publish like the bridge does, straight to JetStream (no configuration check: NATS has none)."""
+    """Publish like the bridge does, straight to JetStream: the same refusals and the same waits.
+
+    Exit code 0: stored (and with `wait`, the awaited state reached); 1: refused (unknown topic,
+    missing parameter, body too large, no configuration), NATS failed, or the request ended
+    failed, dead or cancelled; 2: a bad topic or parameter name; 3: `wait` timed out.
+    """
     try:
         check_topic(topic)
         request_id = str(uuid.uuid4())
@@ -163,23 +196,37 @@ async def publish(settings: Settings, topic: str, data: bytes, params: list[tupl
     except InvalidName as exc:
         print(f"gitfaas publish: {exc}", file=sys.stderr)
         return 2
+    if wait is not None and wait not in WAITS:
+        print(f"gitfaas publish: --wait takes {' or '.join(WAITS)}, not {wait!r}", file=sys.stderr)
+        return 2
+    if len(data) > settings.max_payload_bytes:
+        print(f"gitfaas publish: {too_large(settings.max_payload_bytes)}", file=sys.stderr)
+        return 1
     nc = await _connect(settings)
     try:
-        js = nc.jetstream()
+        js = nc.jetstream(timeout=PUBLISH_TIMEOUT_SECONDS)
+        refusal = (await _configuration(js)).refusal(topic, {name for name, _ in params})
+        if refusal is not None:
+            print(f"gitfaas publish: {refusal.error}", file=sys.stderr)
+            return 1
         ack = await js.publish(Subjects(settings.subject_prefix).topic(topic), data, headers=headers,
-                               stream=settings.stream)
-        print(json.dumps({"request_id": request_id, "topic": topic, "stream_seq": ack.seq}), file=out)
-        if not wait:
+                               stream=settings.stream, timeout=PUBLISH_TIMEOUT_SECONDS)
+        print(json.dumps({"request_id": request_id, "topic": topic, "stream_seq": ack.seq,
+                          "duplicate": bool(ack.duplicate)}), file=out)
+        if wait is None:
             return 0
         _config, requests = await natsconn.ensure_buckets(js, settings)
-        reached, document = await StatusStore(requests).wait(
-            request_id, lambda d: d.get("state") not in (None, "pending"), timeout)
+        reached, document = await StatusStore(requests).wait(request_id, WAITS[wait], timeout)
         if document is not None:
             print_status(document, out)
-        if not reached:
-            print(f"gitfaas publish: not applied within {timeout:.0f}s", file=sys.stderr)
-            return 1
-        return 0 if document and document.get("state") != "dead" else 1
+        code = wait_status(reached, document)
+        sentence = wait_sentence(wait, code, document, timeout)
+        if sentence:
+            print(f"gitfaas publish: {sentence}", file=sys.stderr)
+        return {200: 0, 422: 1}.get(code, 3)
+    except (nats.errors.Error, TimeoutError) as exc:
+        print(f"gitfaas publish: {_nats_failure(settings, exc)}", file=sys.stderr)
+        return 1
     finally:
         await nc.close()
 

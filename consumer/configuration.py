@@ -18,11 +18,12 @@ from typing import Any
 from consumer.prepare import kind_refused
 from consumer.render import CompiledDocument, TemplateError, compile_manifest
 from gitfaas.settings import Settings
-from gitfaas.subjects import InvalidName, check_topic
+from gitfaas.subjects import InvalidName, check_param_name, check_topic
 
 MAX_MANIFEST_BYTES = 1024 * 1024
 MAX_CONFIG_BYTES = 1024 * 1024
-TOPIC_KEYS = {"name", "configs", "manifests", "namespace", "maxConcurrency", "maxActiveJobs", "retries"}
+TOPIC_KEYS = {"name", "configs", "manifests", "namespace", "maxConcurrency", "maxActiveJobs", "retries",
+              "params"}
 
 
 class ConfigurationError(ValueError):
@@ -43,10 +44,18 @@ class Topic:
     max_concurrency: int | None = None
     max_active_jobs: int | None = None
     retries: int = 0
+    # config.json's `params`: a string is the default of that parameter; None (`null`) declares a
+    # parameter without a default, which every message must give.
+    params: Mapping[str, str | None] = field(default_factory=dict)
 
     @property
     def variables(self) -> frozenset[str]:
         return frozenset().union(*(doc.variables for doc in self.documents))
+
+    @property
+    def defaults(self) -> dict[str, str]:
+        """The parameter values a message gets when it does not set them itself."""
+        return {name: value for name, value in self.params.items() if value is not None}
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "configs": list(self.configs)}
@@ -58,6 +67,7 @@ class Topic:
             if value is not None:
                 out[key] = value
         out["retries"] = self.retries
+        out["params"] = dict(self.params)
         out["variables"] = sorted(self.variables)
         return out
 
@@ -142,6 +152,7 @@ def _topic(
     max_concurrency = _optional(entry, "maxConcurrency", int, where, problems, minimum=1)
     max_active = _optional(entry, "maxActiveJobs", int, where, problems, minimum=1)
     retries = _optional(entry, "retries", int, where, problems, minimum=0) or 0
+    params = _params(entry.get("params"), where, problems)
     if namespace is not None and namespace not in settings.namespaces_allowed:
         problems.append(f"{where}.namespace: {namespace!r} is not in ALLOWED_NAMESPACES "
                         f"({', '.join(sorted(settings.namespaces_allowed))})")
@@ -178,7 +189,32 @@ def _topic(
         max_concurrency=max_concurrency,
         max_active_jobs=max_active,
         retries=retries,
+        params=params,
     )
+
+
+def _params(value: Any, where: str, problems: list[str]) -> dict[str, str | None]:
+    """`params`: parameter name -> default (a string), or null for a parameter without a default."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        problems.append(f'{where}.params: expected an object of parameter defaults, like {{"replicas": "1"}}, '
+                        f"not {json.dumps(value)}")
+        return {}
+    params: dict[str, str | None] = {}
+    for name, default in value.items():
+        try:
+            check_param_name(name)
+        except InvalidName as exc:
+            problems.append(f"{where}.params: {exc}")
+            continue
+        if default is not None and not isinstance(default, str):
+            problems.append(f"{where}.params.{name}: expected a string (the default value, as a message would "
+                            f"send it: {json.dumps(json.dumps(default))}) or null (no default), "
+                            f"not {json.dumps(default)}")
+            continue
+        params[name] = default
+    return params
 
 
 def _optional(entry: dict[str, Any], key: str, kind: type, where: str, problems: list[str],

@@ -40,7 +40,8 @@ def render_request(settings: Settings, config: Configuration, request: Request) 
         identity=request.identity,
         topic=request.topic,
         body=request.body,
-        params=request.params,
+        # A topic's `params` defaults, for what the message does not set itself.
+        params={**topic.defaults, **request.params} if topic.params else request.params,
         # Functions get NATS_URL without credentials written into it: those are gitfaas's own.
         nats_url=settings.function_nats_url or display_servers(settings, separator=","),
         bridge_url=settings.bridge_url,

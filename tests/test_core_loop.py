@@ -78,9 +78,15 @@ async def test_query_parameters_fill_variables_with_their_yaml_type(
         assert deployment["metadata"]["labels"]["owner"] == "a: b # c"
         assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == "nginx:1.27"
 
-        # Without `tag` and `owner`: the message fails naming both, and nothing is applied.
+        # Without `tag` and `owner`: the bridge refuses it naming both (tests/test_publish_checks.py)...
         response = await stack.publish("scale", params={"replicas": "3"})
-        assert response.status == 202
+        assert response.status == 400 and "owner, tag" in (await response.json())["error"]
+        # ...and straight to NATS, where nothing checks first, the message fails naming both, nothing applied.
+        nc = await nats.connect(stack.settings.nats_url)
+        try:
+            await nc.jetstream().publish("gitfaas.topics.scale", b"", headers={"Gitfaas-Param-replicas": "3"})
+        finally:
+            await nc.close()
         [dead] = await dead_letters(stack.settings.nats_url, 1)
         assert "missing variables: owner, tag" in dead.headers[HEADER_ERROR]
         assert len(k8s.objects("apps/v1", "deployments")) == 1
