@@ -57,7 +57,8 @@ def _params(pairs: list[str]) -> list[tuple[str, str]]:
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep:
-            raise SystemExit(f"gitfaas: -p takes name=value, not {pair!r}")
+            print(f"gitfaas: -p takes name=value, not {pair!r}", file=sys.stderr)
+            raise SystemExit(2)  # a usage error, like argparse's own
         out.append((name, value))
     return out
 

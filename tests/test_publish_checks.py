@@ -263,6 +263,8 @@ async def test_cli_publish_nats_problems_are_one_line(
 
     refused = await asyncio.to_thread(gitfaas, "publish", "hello", "x", "--wait", "sometime")
     assert refused.returncode == 2 and "invalid choice: 'sometime'" in refused.stderr
+    refused = await asyncio.to_thread(gitfaas, "publish", "hello", "x", "-p", "replicas")
+    assert refused.returncode == 2 and refused.stderr == "gitfaas: -p takes name=value, not 'replicas'\n"
 
 
 # ---- config.json `params`, validate and render -------------------------------------------------
