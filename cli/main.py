@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from cli import output
 from gitfaas import logs, settings_doc
 from gitfaas.publishing import WAITS
 from gitfaas.settings import Settings, SettingsError
@@ -26,13 +27,27 @@ examples:
 
 
 def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
-    """Run until done or until SIGINT/SIGTERM, then let the coroutine clean up."""
+    """Run until done or until asked to stop, then let the coroutine clean up.
+
+    Asked to stop: SIGINT (Ctrl-C), SIGTERM, SIGHUP (terminal closed), or standard output/error
+    gone (`cli.output`). The coroutine is cancelled once; a second request (Ctrl-C again, the
+    pipe breaking during the shutdown) must not cancel its clean-up half-way.
+    """
 
     async def runner() -> None:
         task = asyncio.ensure_future(main())
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
+        stopping = False
+
+        def stop() -> None:
+            nonlocal stopping
+            if not stopping:
+                stopping = True
+                task.cancel()
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, stop)
+        output.on_lost(lambda: loop.call_soon_threadsafe(stop))
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
@@ -46,6 +61,16 @@ def _settings() -> Settings:
     except SettingsError as exc:
         print(f"gitfaas: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _nats_of_running_up(settings: Settings) -> Settings:
+    """Without NATS_URL, the commands talk to the `gitfaas up` running on the state directory."""
+    if settings.nats_url_given:
+        return settings
+    from gitfaas.statedir import running_up
+
+    running = running_up(settings.state_dir)
+    return settings.replace(nats_url=running.nats_url) if running and running.nats_url else settings
 
 
 def _once(coroutine: Coroutine[Any, Any, int]) -> int:
@@ -83,10 +108,15 @@ def cmd_consumer(_args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    from cli.up import up
+    from cli.up import UpRefused, claim_state_dir, up
 
-    return _run(lambda: up(settings, repo=args.repo, executor=args.executor, port=args.port,
-                           state_dir=Path(args.state_dir)))
+    port = settings.bridge_port if args.port is None else args.port
+    try:
+        with claim_state_dir(Path(args.state_dir or settings.state_dir), port) as lock:
+            return _run(lambda: up(settings, lock, repo=args.repo, executor=args.executor, port=port))
+    except UpRefused as exc:
+        print(f"gitfaas up: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
@@ -175,8 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="repository: local directory, file://, https or ssh URL (default: GIT_URL or .)")
     up.add_argument("--executor", choices=["local", "dry-run", "kubernetes"], default=None,
                     help="how documents are applied (default: local — Jobs run as processes here)")
-    up.add_argument("--port", type=int, default=None, help="bridge HTTP port (default 5000)")
-    up.add_argument("--state-dir", default=".gitfaas", help="where NATS keeps its data (default .gitfaas)")
+    up.add_argument("--port", type=int, default=None, help="bridge HTTP port (default 5000; make up PORT=5001)")
+    up.add_argument("--state-dir", default=None,
+                    help="where NATS, volumes and run records live; one gitfaas up each "
+                         "(default GITFAAS_STATE_DIR or .gitfaas)")
     up.set_defaults(func=cmd_up)
 
     bridge = sub.add_parser("bridge", help="run the HTTP bridge (configured by environment variables)",
@@ -262,7 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in SERVICES:
+        output.guard()  # before the loggers keep a reference to sys.stdout/sys.stderr
     settings = _settings()
+    if args.command not in SERVICES:
+        settings = _nats_of_running_up(settings)
     logs.configure(settings.log_level if args.command in SERVICES else "WARNING", settings.log_format)
     func: Callable[[argparse.Namespace, Settings], int] = args.func
     return func(args, settings)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gitfaas.logs import get_logger
+from gitfaas.statedir import ProcessRecords
 
 log = get_logger(__name__)
 
@@ -64,8 +65,9 @@ async def stop_process(process: subprocess.Popen[bytes] | None, timeout: float =
 
 class EmbeddedNats:
     def __init__(self, store_dir: Path, port: int | None = None, host: str = "127.0.0.1",
-                 extra_args: Sequence[str] = ()) -> None:
+                 extra_args: Sequence[str] = (), records: ProcessRecords | None = None) -> None:
         self.store_dir = Path(store_dir)
+        self.records = records  # `gitfaas up`: where the pid is recorded, for the next start if we are killed
         self.host = host
         self.port = port or free_port(host)
         self.extra_args = tuple(extra_args)  # e.g. ("--auth", token) or ("--user", u, "--pass", p)
@@ -89,6 +91,8 @@ class EmbeddedNats:
         ]
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, start_new_session=True)
+        if self.records is not None:
+            self.records.add(self.process.pid, "nats-server")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:
@@ -110,10 +114,15 @@ class EmbeddedNats:
 
     async def stop(self, timeout: float = 10.0) -> None:
         await stop_process(self.process, timeout)
-        self.process = None
+        self._forget()
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        self._forget()
+
+    def _forget(self) -> None:
+        if self.process is not None and self.records is not None:
+            self.records.remove(self.process.pid)
         self.process = None

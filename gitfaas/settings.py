@@ -34,6 +34,7 @@ class SettingsError(ValueError):
 class Settings:
     # Common
     nats_url: str = "nats://127.0.0.1:4222"
+    nats_url_given: bool = False  # NATS_URL was set; if not, CLI commands look for a running `gitfaas up`
     nats_creds: str | None = None
     nats_token: str | None = dataclasses.field(default=None, repr=False)
     nats_user: str | None = None
@@ -108,6 +109,7 @@ class Settings:
         kube_namespace = reader.text("KUBE_NAMESPACE", "") or _own_namespace() or cls.kube_namespace
         return cls(
             nats_url=reader.text("NATS_URL", cls.nats_url),
+            nats_url_given=reader.optional("NATS_URL") is not None,
             nats_creds=reader.optional("NATS_CREDS"),
             nats_token=reader.optional("NATS_TOKEN"),
             nats_user=reader.optional("NATS_USER"),

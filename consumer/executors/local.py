@@ -21,6 +21,8 @@ started in a background task, as an API server accepts it, and its outcome is re
   true across restarts. A Job interrupted by `close()` is reported failed and not run again.
 - A container that cannot start (no command, command not found) fails the Job at once: retrying
   cannot help. Other failures are retried up to `backoffLimit`; `restartPolicy` is not consulted.
+- Each running container's process group is recorded under `<state_dir>/processes/` while it
+  runs, so if gitfaas is killed (SIGKILL) the next `gitfaas up` finds and stops it.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from consumer.executors.base import Applied, JobEvent, JobEvents, NoJobEvents
 from consumer.prepare import ANNOTATION_REQUEST_ID, ANNOTATION_TOPIC, LABEL_REQUEST_ID
 from gitfaas.logs import get_logger
 from gitfaas.settings import Settings
+from gitfaas.statedir import ProcessRecords
 
 log = get_logger("gitfaas.executor.local")
 
@@ -148,6 +151,7 @@ class LocalExecutor:
         self._out = out if out is not None else sys.stdout
         self._state = Path(settings.state_dir).expanduser().absolute()  # processes run elsewhere
         self._repo = _local_repo(settings.git_url)
+        self._records = ProcessRecords(self._state)
         self._events: JobEvents = NoJobEvents()
         self._admitted: dict[tuple[str, str], asyncio.Task[Applied]] = {}
         self._running: set[asyncio.Task[None]] = set()
@@ -377,6 +381,7 @@ class LocalExecutor:
                 raise _CannotRun(f"command not executable: {container.argv[0]}") from None
             finally:
                 os.close(write_fd)  # the child has it: end of output is when its last holder exits
+            self._record(process.pid, container)
             output = asyncio.create_task(self._pump(reader, container.prefix))
             try:
                 code = await process.wait()
@@ -390,11 +395,20 @@ class LocalExecutor:
                         _killpg(process.pid, signal.SIGKILL)
                         await process.wait()
                 _killpg(process.pid, signal.SIGKILL)  # whatever it started and left behind
+                self._records.remove(process.pid)
                 with contextlib.suppress(TimeoutError):  # a child that left the group may hold the pipe
                     await asyncio.wait_for(output, OUTPUT_DRAIN_SECONDS)
         finally:
             transport.close()
         return None if code == 0 else f"container {container.name} {_exit_text(code)}"
+
+    def _record(self, pid: int, container: _Container) -> None:
+        """For the next `gitfaas up`, should this one be killed before it can stop the group."""
+        try:
+            self._records.add(pid, f"Job {container.prefix}", group=True,
+                              env_marker=f"GITFAAS_JOB_NAME={container.env.get('GITFAAS_JOB_NAME', '')}")
+        except OSError as exc:  # the Job runs anyway; only the orphan clean-up would miss it
+            log.warning("local job process not recorded", job=container.prefix, error=str(exc))
 
     async def _pump(self, stream: asyncio.StreamReader, prefix: str) -> None:
         """Output line by line as it comes; an endless line is cut rather than buffered whole."""
