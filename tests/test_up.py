@@ -27,7 +27,7 @@ def processes_mentioning(text: str) -> list[str]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if text in cmdline and "pytest" not in cmdline:
+        if text in cmdline and int(entry.name) != os.getpid():  # (tmp_path itself mentions pytest)
             found.append(f"{entry.name}: {cmdline}")
     return found
 
