@@ -292,14 +292,18 @@ async def test_killed_up_orphans_are_stopped_by_the_next_one_which_alone_owns_th
             f"or start this one with another --state-dir")
         assert await second.ready(), "the first one keeps serving"
 
-        # CLI commands find the running gitfaas up's NATS through the state directory.
+        # CLI commands find the running gitfaas up's NATS through the state directory; the Job
+        # the killed one ran shows failed (it was interrupted), not running for ever.
         env = {**second.env, "GITFAAS_STATE_DIR": str(state)}
         status = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "cli", "status", request_id, "--json", cwd=ROOT, env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         out, _ = await asyncio.wait_for(status.communicate(), 30)
         assert status.returncode == 0, out.decode()
-        assert json.loads(out)["request_id"] == request_id
+        document = json.loads(out)
+        assert document["request_id"] == request_id
+        assert document["state"] == "failed", "the Job the killed gitfaas up ran is reported interrupted"
+        assert "Interrupted: gitfaas was killed while the Job ran" in json.dumps(document)
 
         # A busy bridge port: one sentence, exit 1, nothing started.
         await asyncio.to_thread(busy.start)

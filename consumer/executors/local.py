@@ -22,7 +22,9 @@ started in a background task, as an API server accepts it, and its outcome is re
 - A container that cannot start (no command, command not found) fails the Job at once: retrying
   cannot help. Other failures are retried up to `backoffLimit`; `restartPolicy` is not consulted.
 - Each running container's process group is recorded under `<state_dir>/processes/` while it
-  runs, so if gitfaas is killed (SIGKILL) the next `gitfaas up` finds and stops it.
+  runs, so if gitfaas is killed (SIGKILL) the next `gitfaas up` finds and stops it. A Job whose
+  marker says it was still running in a process that is gone is reported failed (Interrupted)
+  when the next local executor on that state directory starts.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from consumer.executors.base import Applied, JobEvent, JobEvents, NoJobEvents
 from consumer.prepare import ANNOTATION_REQUEST_ID, ANNOTATION_TOPIC, LABEL_REQUEST_ID
 from gitfaas.logs import get_logger
 from gitfaas.settings import Settings
-from gitfaas.statedir import ProcessRecords
+from gitfaas.statedir import ProcessRecords, is_alive, own_identity
 
 log = get_logger("gitfaas.executor.local")
 
@@ -161,6 +163,7 @@ class LocalExecutor:
 
     async def start(self, events: JobEvents) -> None:
         self._events = events
+        await self._fail_interrupted()
 
     async def apply(self, document: dict[str, Any]) -> Applied:
         metadata = document.get("metadata") or {}
@@ -242,9 +245,11 @@ class LocalExecutor:
             return Applied(api_version="batch/v1", kind="Job", namespace=record.get("namespace", job.applied.namespace),
                            name=record.get("name", job.name), uid=record.get("uid"))
         applied = job.applied
+        owner_pid, owner_identity = own_identity()
         await asyncio.to_thread(_save, job.marker, {
             "namespace": applied.namespace, "name": applied.name, "uid": applied.uid,
-            "request_id": job.request_id, "state": "applied", "reason": None})
+            "request_id": job.request_id, "topic": job.topic, "state": "applied", "reason": None,
+            "owner_pid": owner_pid, "owner_identity": owner_identity})
         if self._closing:  # close() began meanwhile: leave the Job to a redelivery
             await asyncio.to_thread(job.marker.unlink, missing_ok=True)
             raise TransientError("the local executor is shutting down")
@@ -252,6 +257,39 @@ class LocalExecutor:
         self._running.add(task)
         task.add_done_callback(self._running.discard)
         return applied
+
+    async def _fail_interrupted(self) -> None:
+        """Jobs a killed gitfaas left unfinished (their processes stopped by the next `gitfaas up`):
+        their markers still say `applied` and their owner is gone. Report them failed, once."""
+
+        def unfinished() -> list[tuple[Path, dict[str, Any]]]:
+            found = []
+            for marker in self._state.glob("jobs/*/*"):
+                if marker.name.endswith(".partial"):
+                    continue
+                record = _load(marker)
+                if record and record.get("state") == "applied" and record.get("owner_pid") is not None \
+                        and record.get("request_id") \
+                        and not is_alive(int(record["owner_pid"]), record.get("owner_identity")):
+                    found.append((marker, record))
+            return found
+
+        for marker, record in await asyncio.to_thread(unfinished):
+            reason = "Interrupted: gitfaas was killed while the Job ran"
+            self._say(str(record.get("name")), f"failed: {reason}")
+            await self._events_report(record, reason)
+            try:
+                await asyncio.to_thread(_save, marker, {**record, "state": "failed", "reason": reason})
+            except OSError as exc:
+                log.warning("local job outcome not recorded", job=record.get("name"), error=str(exc))
+
+    async def _events_report(self, record: dict[str, Any], reason: str) -> None:
+        event = JobEvent(request_id=str(record["request_id"]), kind="Job", namespace=record.get("namespace"),
+                         name=str(record.get("name")), state="failed", reason=reason, topic=record.get("topic"))
+        try:
+            await self._events.job_changed(event)
+        except Exception as exc:  # noqa: BLE001 — a lost status update must not stop the executor
+            log.warning("job event not delivered", job=event.name, state="failed", error=str(exc) or type(exc).__name__)
 
     # ---- one Job -----------------------------------------------------------------------------
 
@@ -272,7 +310,7 @@ class LocalExecutor:
             self._say(job.name, f"succeeded in {elapsed:.1f}s" if state == "succeeded" else f"failed: {reason}")
             await self._report(job, state, reason)
             record = {"namespace": job.applied.namespace, "name": job.name, "uid": job.applied.uid,
-                      "request_id": job.request_id, "state": state, "reason": reason}
+                      "request_id": job.request_id, "topic": job.topic, "state": state, "reason": reason}
             try:
                 await asyncio.to_thread(_save, job.marker, record)
             except OSError as exc:
