@@ -25,9 +25,10 @@ from nats.js.errors import Error as JetStreamError
 from nats.js.kv import KeyValue
 from prometheus_client import Counter, Histogram
 
-from gitfaas import natsconn
+from gitfaas import natsconn, safejson
+from gitfaas.httperrors import JsonErrorsRunner, error_answer
 from gitfaas.logs import get_logger
-from gitfaas.message import request_headers
+from gitfaas.message import request_headers, request_id_of
 from gitfaas.metrics import json_error, metrics_view
 from gitfaas.publishing import (
     NO_CONFIGURATION,
@@ -40,11 +41,10 @@ from gitfaas.publishing import (
 )
 from gitfaas.replay import ReplayError, replay_request
 from gitfaas.settings import Settings
-from gitfaas.status import StatusStore, request_key_of_function, set_response
+from gitfaas.status import StatusStore, is_request_id, request_key_of_function, set_response
 from gitfaas.subjects import (
     CONFIG_KEY,
     HEADER_PARENT,
-    HEADER_REQUEST_ID,
     InvalidName,
     Subjects,
     check_topic,
@@ -76,6 +76,8 @@ NATS_UNAVAILABLE = (
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+NOT_A_REQUEST_ID = ("not a request id: request ids are 1 to 128 letters, digits, '-' or '_', "
+                    "starting with a letter or digit")
 
 
 async def read_limited(request: web.Request, limit: int) -> bytes | None:
@@ -106,17 +108,59 @@ class Bridge:
         self.status: StatusStore | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._token = (settings.bridge_token or "").encode()
+        self._stopping = False
+        self._reestablishing: asyncio.Task[None] | None = None
+        self.reconnects = 0  # connections re-established after NATS closed one
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.nc = await natsconn.connect(self.settings, "gitfaas-bridge", reconnected_cb=self._on_reconnected)
-        self.js = self.nc.jetstream(timeout=PUBLISH_TIMEOUT_SECONDS)
-        self._config_kv, requests_kv = await natsconn.ensure_all(self.js, self.settings)
+        self._stopping = False
+        await self._connect()
+
+    async def _connect(self) -> None:
+        nc = await natsconn.connect(self.settings, "gitfaas-bridge", reconnected_cb=self._on_reconnected,
+                                    closed_cb=self._on_closed)
+        try:
+            js = nc.jetstream(timeout=PUBLISH_TIMEOUT_SECONDS)
+            self._config_kv, requests_kv = await natsconn.ensure_all(js, self.settings)
+        except BaseException:
+            await nc.close()
+            raise
+        self.nc, self.js = nc, js
         self.status = StatusStore(requests_kv)
         self._start_watch()
 
+    async def _on_closed(self) -> None:
+        """NATS closed the connection for good (the client does not reconnect after a protocol error):
+        make a new one. Meanwhile publishing answers 503 and /readyz says NATS is closed."""
+        if self._stopping or self.nc is None or not self.nc.is_closed:
+            return
+        if self._reestablishing is None or self._reestablishing.done():
+            log.error("nats connection closed, re-establishing it", error=str(self.nc.last_error or "closed"))
+            self._reestablishing = asyncio.create_task(self._reestablish(), name="bridge-nats-reestablish")
+
+    async def _reestablish(self) -> None:
+        delay = 0.5
+        while not self._stopping:
+            try:
+                await self._connect()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 — keep trying; /readyz says NATS is unavailable
+                log.error("nats connection not re-established, retrying", error=str(exc) or type(exc).__name__,
+                          in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            self.reconnects += 1
+            log.info("nats connection re-established")
+            return
+
     async def stop(self) -> None:
+        self._stopping = True
+        if self._reestablishing is not None:
+            self._reestablishing.cancel()
         if self._watch_task is not None:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -184,6 +228,11 @@ class Bridge:
             if exc.status < 400:
                 raise
             return json_error(exc.status, exc.reason or "error")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a JSON sentence, not aiohttp's text/plain page
+            log.exception("request failed", path=request.path[:200])
+            return error_answer(exc)
 
     @web.middleware
     async def _auth_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -224,11 +273,11 @@ class Bridge:
             return json_error(400, str(exc))
         wait = request.query.get("wait")
         if wait is not None and wait not in WAITS:
-            return json_error(400, f"wait must be {' or '.join(repr(w) for w in WAITS)}, not {wait!r}")
+            return json_error(400, f"wait must be {' or '.join(repr(w) for w in WAITS)}")
         try:
             wait_timeout = float(request.query.get("timeout", DEFAULT_WAIT_SECONDS))
         except ValueError:
-            return json_error(400, f"timeout must be a number of seconds, not {request.query.get('timeout')!r}")
+            return json_error(400, "timeout must be a number of seconds")
         if not 0 < wait_timeout <= MAX_WAIT_SECONDS:
             return json_error(400, f"timeout must be between 0 and {MAX_WAIT_SECONDS:.0f} seconds")
         if self.nc is None or self.js is None or not self.nc.is_connected:
@@ -250,15 +299,14 @@ class Bridge:
             return json_error(413, too_large(limit))
         if declares_json(content_type):
             try:
-                json.loads(body or b"null")
+                safejson.loads(body or b"null")  # nested at most MAX_JSON_DEPTH levels, as the consumer reads it
             except (ValueError, UnicodeDecodeError) as exc:
                 return json_error(400, f"body is not valid JSON: {exc}")
 
         request_id = str(uuid.uuid4())
+        # A parent, an Idempotency-Key and the content type travel in NATS headers: `request_headers`
+        # checks each (a request id's charset and length, visible ASCII) and refuses with a 400.
         parent = request.query.get("parent") or request.headers.get(HEADER_PARENT)
-        if parent is not None and (len(parent) > 256 or not parent.isprintable()):
-            # It travels in a NATS header: a line break would smuggle headers of its own.
-            return json_error(400, "parent must be a request id: printable, at most 256 characters")
         try:
             headers = request_headers(
                 request_id,
@@ -304,10 +352,12 @@ class Bridge:
             original = await self.js.get_msg(self.settings.stream, seq)
         except NATS_UNAVAILABLE:
             return None
-        return (original.headers or {}).get(HEADER_REQUEST_ID)
+        return request_id_of(original.headers, seq)[0]  # as the consumer sees it: its own if valid, else seq-<n>
 
     async def _status_document(self, request_id: str) -> dict[str, Any] | web.Response:
         """The request's status document, or the error response that says why there is none."""
+        if not is_request_id(request_id):
+            return json_error(400, NOT_A_REQUEST_ID)
         if self.status is None or self.nc is None or not self.nc.is_connected:
             return json_error(503, "NATS is unavailable")
         try:
@@ -324,6 +374,8 @@ class Bridge:
 
     async def replay(self, request: web.Request) -> web.Response:
         request_id = request.match_info["request_id"]
+        if not is_request_id(request_id):
+            return json_error(400, NOT_A_REQUEST_ID)
         if self.status is None or self.js is None or self.nc is None or not self.nc.is_connected:
             return json_error(503, "NATS is unavailable")
         try:
@@ -343,7 +395,7 @@ class Bridge:
         value: Any
         if request.content_type == "application/json" or request.content_type.endswith("+json"):
             try:
-                value = json.loads(body or b"null")
+                value = safejson.loads(body or b"null")
             except (ValueError, UnicodeDecodeError) as exc:
                 return json_error(400, f"body is not valid JSON: {exc}")
         else:
@@ -357,7 +409,8 @@ class Bridge:
         except NATS_UNAVAILABLE:
             return json_error(503, "the status store is unavailable")
         if document is None or not any(stored):
-            return json_error(404, f"function uid {function_uid} is unknown (or its request has expired)")
+            shown = f" {function_uid}" if key is not None else ""  # quoted only once it has the right form
+            return json_error(404, f"function uid{shown} is unknown (or its request has expired)")
         return web.json_response({"request_id": document["request_id"], "function_uid": function_uid,
                                   "stored": True})
 
@@ -410,7 +463,7 @@ class Bridge:
 
 async def serve(bridge: Bridge, host: str, port: int) -> web.AppRunner:
     """Start the HTTP server; the caller cleans the returned runner up."""
-    runner = web.AppRunner(bridge.app(), access_log=None)
+    runner = JsonErrorsRunner(bridge.app(), access_log=None)  # parser errors answered in JSON too
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner

@@ -140,7 +140,7 @@ def _topic(
         name = "?"
     else:
         try:
-            check_topic(name)
+            check_topic(name, quote=True)
         except InvalidName as exc:
             problems.append(f"{where}.name: {exc}")
         where = f"{where} ({name})"
@@ -204,7 +204,7 @@ def _params(value: Any, where: str, problems: list[str]) -> dict[str, str | None
     params: dict[str, str | None] = {}
     for name, default in value.items():
         try:
-            check_param_name(name)
+            check_param_name(name, quote=True)
         except InvalidName as exc:
             problems.append(f"{where}.params: {exc}")
             continue

@@ -19,6 +19,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from gitfaas.logs import get_logger
+from gitfaas.natsconn import is_stored_message
 
 log = get_logger(__name__)
 
@@ -103,13 +104,13 @@ class ContinuousPull:
 
     async def _on_message(self, msg: Msg) -> None:
         self._last_seen = time.monotonic()
-        status = msg.headers.get("Status") if msg.headers else None
-        if not status:
+        if is_stored_message(msg):  # whatever headers it carries (`Status` included): it was published
             self._requested = max(0, self._requested - 1)
             self._in_hand += 1
             self._queue.put_nowait(msg)
             return
-        if status == "100":  # idle heartbeat: the request is alive
+        status = msg.headers.get("Status") if msg.headers else None
+        if status in (None, "100"):  # idle heartbeat: the request is alive
             return
         # 404/408/409: a request ended; the header says how many of its messages never came.
         pending = msg.headers.get("Nats-Pending-Messages") if msg.headers else None

@@ -13,6 +13,7 @@ import json
 import time
 from typing import Any
 
+import nats.errors
 import structlog
 from aiohttp import web
 from nats.aio.client import Client
@@ -30,17 +31,20 @@ from consumer.repository import Repository
 from consumer.tracking import RequestTracker
 from consumer.variables import function_uid
 from gitfaas import natsconn
+from gitfaas.httperrors import JsonErrorsRunner
 from gitfaas.logs import get_logger
+from gitfaas.message import Inbound, read_request_headers
 from gitfaas.metrics import metrics_view
 from gitfaas.replay import replay_request
 from gitfaas.settings import Settings
-from gitfaas.status import StatusStore
+from gitfaas.status import Claim, StatusStore
 from gitfaas.subjects import (
+    HEADER_ATTEMPTS,
+    HEADER_BODY_OMITTED,
     HEADER_ERROR,
-    HEADER_PARENT,
-    HEADER_PUBLISHED_AT,
     HEADER_REQUEST_ID,
     HEADER_RETRY,
+    HEADER_STREAM_SEQ,
     Subjects,
     decode_params,
 )
@@ -49,6 +53,7 @@ log = get_logger("gitfaas.consumer")
 
 NO_CONFIG_RETRY_SECONDS = 2.0
 MAX_NAK_DELAY_SECONDS = 60.0
+MAX_RECONNECT_DELAY_SECONDS = 10.0
 
 
 def nak_delay(delivered: int) -> float:
@@ -56,13 +61,15 @@ def nak_delay(delivered: int) -> float:
     return min(MAX_NAK_DELAY_SECONDS, 2.0 ** max(0, delivered - 1))
 
 
-def end_to_end_seconds(headers: dict[str, str]) -> float | None:
+def end_to_end_seconds(inbound: Inbound) -> float | None:
     """Since the bridge accepted the message (its `Gitfaas-Published-At`), if it says."""
-    stamp = headers.get(HEADER_PUBLISHED_AT)
-    try:
-        return max(0.0, time.time() - float(stamp)) if stamp else None
-    except ValueError:
-        return None
+    return None if inbound.published_at is None else max(0.0, time.time() - inbound.published_at)
+
+
+def dead_letter_headers(original: dict[str, str] | None) -> dict[str, str]:
+    """The original's headers a dead letter keeps: all but `Nats-*`, which would steer JetStream when the
+    letter is stored (`Nats-Expected-Stream` would refuse it, `Nats-Msg-Id` could drop it as a duplicate)."""
+    return {k: v for k, v in (original or {}).items() if not k.lower().startswith("nats-")}
 
 
 def identity_of(msg: Msg, request_id: str) -> str:
@@ -90,24 +97,22 @@ class Consumer:
         self.last_applied = time.monotonic()  # for the stall signal
         self.stalled = False
         self.queue: dict[str, int] = {}
+        self.reconnects = 0  # connections re-established after NATS closed one
+        self._stopping = False
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._reestablishing: asyncio.Task[None] | None = None
+        self._nats_lost_at: float | None = None  # monotonic time NATS was last seen unreachable
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
         s = self.settings
-        self.nc = await natsconn.connect(
-            s, "gitfaas-consumer", reconnected_cb=self._on_reconnected, disconnected_cb=self._on_disconnected
-        )
-        self.js = self.nc.jetstream()
-        self.repository.bucket, requests_kv = await natsconn.ensure_all(self.js, s)
-        self.tracker.store = StatusStore(requests_kv)
+        self._stopping = False
+        await self._connect()
         await self.executor.start(self.tracker)
         await self.refresh()
-        await self.nc.subscribe(self.subjects.refresh, cb=self._on_refresh_request)
         await self._start_http()
-        self._pull = ContinuousPull(self.nc, s.stream, s.durable, s.max_concurrency)
-        await self._pull.start()
-        self._loops.append(asyncio.create_task(self._dispatch(), name="consumer-dispatch"))
+        await self._serve_nats()
         if s.git_poll_seconds > 0:
             self._loops.append(asyncio.create_task(self._poll(), name="consumer-git-poll"))
         self._loops.append(asyncio.create_task(self._watch_queue(), name="consumer-queue-metrics"))
@@ -115,10 +120,36 @@ class Consumer:
                  source=self.repository.gitsync.display_source, max_concurrency=s.max_concurrency,
                  http_port=self.http_port)
 
+    async def _connect(self) -> None:
+        """A NATS connection and everything held through it: the stream, the buckets, the status store."""
+        s = self.settings
+        nc = await natsconn.connect(s, "gitfaas-consumer", reconnected_cb=self._on_reconnected,
+                                    disconnected_cb=self._on_disconnected, closed_cb=self._on_closed)
+        try:
+            js = nc.jetstream()
+            self.repository.bucket, requests_kv = await natsconn.ensure_all(js, s)
+        except BaseException:
+            await nc.close()
+            raise
+        self.nc, self.js = nc, js
+        self.tracker.store = StatusStore(requests_kv)
+        self._nats_lost_at = None
+
+    async def _serve_nats(self) -> None:
+        """Answer refresh requests and pull messages, on the current connection."""
+        assert self.nc is not None
+        s = self.settings
+        await self.nc.subscribe(self.subjects.refresh, cb=self._on_refresh_request)
+        self._pull = ContinuousPull(self.nc, s.stream, s.durable, s.max_concurrency)
+        await self._pull.start()
+        self._dispatcher = asyncio.create_task(self._dispatch(self._pull), name="consumer-dispatch")
+
     async def stop(self, grace: float = 5.0) -> None:
         """Stop taking messages, let in-flight ones finish (up to `grace`), give back the rest."""
-        for task in self._loops:
-            task.cancel()
+        self._stopping = True
+        for task in (*self._loops, self._dispatcher, self._reestablishing):
+            if task is not None:
+                task.cancel()
         if self._pull is not None:
             for msg in await self._pull.stop():
                 with contextlib.suppress(Exception):
@@ -141,11 +172,54 @@ class Consumer:
 
     async def _on_reconnected(self) -> None:
         log.info("nats reconnected")
+        self._nats_lost_at = None
         if self._pull is not None:
             await self._pull.reset()
 
     async def _on_disconnected(self) -> None:
         log.warning("nats disconnected")
+        self._nats_lost_at = self._nats_lost_at or time.monotonic()
+
+    async def _on_closed(self) -> None:
+        """NATS closed the connection for good (the client does not reconnect after a protocol error
+        such as `maximum control line exceeded`): make a new one, unless we are the ones stopping."""
+        if self._stopping or self.nc is None or not self.nc.is_closed:
+            return
+        self._nats_lost_at = self._nats_lost_at or time.monotonic()
+        if self._reestablishing is None or self._reestablishing.done():
+            log.error("nats connection closed, re-establishing it", error=str(self.nc.last_error or "closed"))
+            self._reestablishing = asyncio.create_task(self._reestablish(), name="consumer-nats-reestablish")
+
+    async def _reestablish(self) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+        if self._pull is not None:
+            await self._pull.stop()  # what it held comes back from JetStream after ACK_WAIT_SECONDS
+        delay = 0.5
+        while not self._stopping:
+            try:
+                await self._connect()
+                await self._serve_nats()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 — keep trying: /healthz reports how long it lasts
+                log.error("nats connection not re-established, retrying", error=str(exc) or type(exc).__name__,
+                          in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RECONNECT_DELAY_SECONDS)
+                continue
+            self.reconnects += 1
+            log.info("nats connection re-established")
+            return
+
+    def nats_down_seconds(self) -> float:
+        """How long NATS has been unreachable (0 while connected)."""
+        if self.nc is not None and self.nc.is_connected:
+            self._nats_lost_at = None
+            return 0.0
+        now = time.monotonic()
+        self._nats_lost_at = self._nats_lost_at or now
+        return now - self._nats_lost_at
 
     # ---- configuration ---------------------------------------------------------------------
 
@@ -171,74 +245,84 @@ class Consumer:
 
     # ---- messages --------------------------------------------------------------------------
 
-    async def _dispatch(self) -> None:
-        assert self._pull is not None
+    async def _dispatch(self, pull: ContinuousPull) -> None:
         while True:
-            msg = await self._pull.get()
-            task = asyncio.create_task(self._handle(msg))
+            msg = await pull.get()
+            task = asyncio.create_task(self._handle(msg, pull))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _handle(self, msg: Msg) -> None:
-        assert self._pull is not None
+    async def _handle(self, msg: Msg, pull: ContinuousPull) -> None:
         metrics.IN_FLIGHT.inc()
         try:
             await self._handle_one(msg)
         finally:
             metrics.IN_FLIGHT.dec()
             structlog.contextvars.clear_contextvars()
-            await self._pull.release()
+            await pull.release()  # the pull that delivered it, even if the connection was replaced since
 
     async def _handle_one(self, msg: Msg) -> None:
         meta = msg.metadata
         seq = meta.sequence.stream
-        headers = msg.headers or {}
         topic = self.subjects.topic_of(msg.subject) or msg.subject
-        request_id = headers.get(HEADER_REQUEST_ID) or f"seq-{seq}"
+        inbound = read_request_headers(msg.headers, seq)  # every header value we use, checked
+        request_id = inbound.request_id
         structlog.contextvars.bind_contextvars(request_id=request_id, topic=topic, stream_seq=seq)
         if meta.num_delivered > 1:
             metrics.REDELIVERIES.labels(topic).inc()
         log.debug("received", attempt=meta.num_delivered)
+        if inbound.refusal is not None:
+            await self._give_up(msg, topic, inbound, inbound.refusal)
+            return
         config = self.config
         if config is None:
             log.info("no configuration loaded yet, message waits")
-            await msg.nak(delay=NO_CONFIG_RETRY_SECONDS)
+            await _settle(msg.nak(delay=NO_CONFIG_RETRY_SECONDS))
             return
         started = time.perf_counter()
         heartbeat = asyncio.create_task(self._keep_alive(msg))
         try:
+            # The id is this message's before anything of it is applied: a message reusing another's
+            # id is refused here, so its objects never carry that id and its status never lands there.
+            claim = await self.tracker.claim(request_id, topic=topic, stream_seq=seq, parent=inbound.parent,
+                                             retry=inbound.retry)
+            if claim.owner is not None:
+                inbound = Inbound(request_id=f"seq-{seq}", published_at=inbound.published_at)
+                raise PermanentError(f"{HEADER_REQUEST_ID} {request_id} already belongs to stream message "
+                                     f"{claim.owner}; a request id is used by one message only")
             applied = await self._process(msg, config, topic, request_id, seq)
         except PermanentError as exc:
-            await self._give_up(msg, topic, request_id, str(exc))
+            await self._give_up(msg, topic, inbound, str(exc))
         except TransientError as exc:
             if meta.num_delivered >= self.settings.max_deliver:
-                await self._give_up(msg, topic, request_id, f"{exc} (after {meta.num_delivered} deliveries)")
+                await self._give_up(msg, topic, inbound, f"{exc} (after {meta.num_delivered} deliveries)")
             else:
                 delay = nak_delay(meta.num_delivered)
                 log.warning("transient failure, will retry", error=str(exc), attempt=meta.num_delivered,
                             retry_in_s=delay)
                 metrics.MESSAGES.labels(topic, "retried").inc()
-                await msg.nak(delay=delay)
+                await _settle(msg.nak(delay=delay))
         except asyncio.CancelledError:
             # Shutdown overtook this message: hand it back now rather than after ack_wait.
             with contextlib.suppress(Exception):
                 await asyncio.shield(msg.nak())
             raise
-        except Exception as exc:  # a bug: keep the message, say loudly what happened
+        except Exception as exc:  # unclassified (a bug, or a failure we do not know): transient, bounded
             log.exception("unexpected error while handling message")
             if meta.num_delivered >= self.settings.max_deliver:
-                await self._give_up(msg, topic, request_id, f"internal error: {type(exc).__name__}: {exc}")
+                await self._give_up(msg, topic, inbound, f"internal error: {type(exc).__name__}: {exc}")
             else:
-                await msg.nak(delay=nak_delay(meta.num_delivered))
+                await _settle(msg.nak(delay=nak_delay(meta.num_delivered)))
         else:
-            await self._record(request_id, topic, msg, state="applied", commit=config.commit, applied=applied)
-            await msg.ack()
+            await self._record(inbound, topic, msg, state="applied", commit=config.commit, applied=applied,
+                               claimed=claim)
+            await _settle(msg.ack())
             self.handled += 1
             self.last_applied = time.monotonic()
             elapsed = time.perf_counter() - started
             metrics.MESSAGES.labels(topic, "applied").inc()
             metrics.APPLY_SECONDS.observe(elapsed)
-            since_publish = end_to_end_seconds(headers)
+            since_publish = end_to_end_seconds(inbound)
             if since_publish is not None:
                 metrics.END_TO_END_SECONDS.observe(since_publish)
             log.info("applied", commit=config.commit, objects=[a.as_dict() for a in applied],
@@ -255,15 +339,13 @@ class Consumer:
             with contextlib.suppress(Exception):
                 await msg.in_progress()
 
-    async def _record(self, request_id: str, topic: str, msg: Msg, *, state: str, commit: str | None = None,
-                      applied: list[Applied] | None = None, error: str | None = None) -> None:
+    async def _record(self, inbound: Inbound, topic: str, msg: Msg, *, state: str, commit: str | None = None,
+                      applied: list[Applied] | None = None, error: str | None = None,
+                      claimed: Claim | None = None) -> None:
         meta = msg.metadata
-        headers = msg.headers or {}
-        retry = headers.get(HEADER_RETRY, "0")
-        await self.tracker.record(request_id, topic=topic, stream_seq=meta.sequence.stream,
-                                  attempts=meta.num_delivered, parent=headers.get(HEADER_PARENT),
-                                  state=state, commit=commit, applied=applied, error=error,
-                                  retry=int(retry) if retry.isdigit() else 0)
+        await self.tracker.record(inbound.request_id, topic=topic, stream_seq=meta.sequence.stream,
+                                  attempts=meta.num_delivered, parent=inbound.parent, state=state, commit=commit,
+                                  applied=applied, error=error, retry=inbound.retry, claimed=claimed)
 
     def _retries_of(self, topic: str) -> int:
         config = self.config
@@ -316,25 +398,32 @@ class Consumer:
             semaphore = self._topic_limits[topic] = asyncio.Semaphore(limit)
         return semaphore
 
-    async def _give_up(self, msg: Msg, topic: str, request_id: str, reason: str) -> None:
+    async def _give_up(self, msg: Msg, topic: str, inbound: Inbound, reason: str) -> None:
         """Dead-letter the message with its reason, then stop JetStream redelivering it."""
         log.error("message given up on", error=reason)
         assert self.js is not None
-        headers = dict(msg.headers or {})
-        headers[HEADER_REQUEST_ID] = request_id
-        headers[HEADER_ERROR] = " ".join(reason.split())[:1000]
-        headers["Gitfaas-Stream-Seq"] = str(msg.metadata.sequence.stream)
-        headers["Gitfaas-Attempts"] = str(msg.metadata.num_delivered)
-        headers.pop("Nats-Msg-Id", None)
+        ours = {
+            HEADER_REQUEST_ID: inbound.request_id,
+            HEADER_ERROR: " ".join(reason.split())[:1000],
+            HEADER_STREAM_SEQ: str(msg.metadata.sequence.stream),
+            HEADER_ATTEMPTS: str(msg.metadata.num_delivered),
+        }
+        subject = self.subjects.dead(topic)
         try:
-            await self.js.publish(self.subjects.dead(topic), msg.data or b"", headers=headers,
-                                  stream=self.settings.dead_stream)
+            try:
+                await self.js.publish(subject, msg.data or b"", headers={**dead_letter_headers(msg.headers), **ours},
+                                      stream=self.settings.dead_stream)
+            except nats.errors.MaxPayloadError:
+                # The original and our headers do not fit in one message: keep the reason, leave the body
+                # (and its headers) in the stream, where `gitfaas dead redrive` reads it back.
+                ours[HEADER_BODY_OMITTED] = str(len(msg.data or b""))
+                await self.js.publish(subject, b"", headers=ours, stream=self.settings.dead_stream)
         except Exception as exc:  # noqa: BLE001 — without a dead letter, keep the message
             log.error("dead letter not stored, message kept for redelivery", error=str(exc) or type(exc).__name__)
-            await msg.nak(delay=MAX_NAK_DELAY_SECONDS)
+            await _settle(msg.nak(delay=MAX_NAK_DELAY_SECONDS))
             return
-        await self._record(request_id, topic, msg, state="dead", error=reason)
-        await msg.term()
+        await self._record(inbound, topic, msg, state="dead", error=reason)
+        await _settle(msg.term())
         self.handled += 1
         metrics.DEAD_LETTERS.labels(topic).inc()
         metrics.MESSAGES.labels(topic, "dead").inc()
@@ -368,7 +457,8 @@ class Consumer:
     def ready(self) -> tuple[bool, dict[str, Any]]:
         connected = bool(self.nc and self.nc.is_connected)
         detail = {
-            "nats": "connected" if connected else "disconnected",
+            "nats": "connected" if connected else "closed" if self.nc is not None and self.nc.is_closed
+            else "disconnected",
             "configuration": self.config.commit if self.config else None,
             "error": self.repository.error,
             "queue": self.queue,
@@ -381,7 +471,7 @@ class Consumer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", metrics_view)
-        self._http = web.AppRunner(app, access_log=None)
+        self._http = JsonErrorsRunner(app, access_log=None)
         await self._http.setup()
         site = web.TCPSite(self._http, self.settings.consumer_host, self.settings.consumer_http_port)
         await site.start()
@@ -390,11 +480,29 @@ class Consumer:
         self.http_port = sockets[0].getsockname()[1] if sockets else self.settings.consumer_http_port
 
     async def _healthz(self, _request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        """Liveness: fails once NATS has been unreachable longer than `NATS_UNHEALTHY_SECONDS`, so the
+        orchestrator restarts a process that cannot recover by itself."""
+        down = self.nats_down_seconds()
+        limit = self.settings.nats_unhealthy_seconds
+        if limit and down > limit:
+            return web.json_response({"status": "unhealthy", "nats_down_seconds": round(down, 1),
+                                      "error": f"NATS unreachable for {down:.0f}s (NATS_UNHEALTHY_SECONDS={limit:g})"},
+                                     status=503)
+        return web.json_response({"status": "ok", "nats_down_seconds": round(down, 1)})
 
     async def _readyz(self, _request: web.Request) -> web.Response:
         ok, detail = self.ready()
         return web.json_response({"ready": ok, **detail}, status=200 if ok else 503)
+
+
+async def _settle(reply: Any) -> None:
+    """Ack, nak or term a message. On a connection that has since closed it cannot be sent: JetStream
+    then redelivers the message after ACK_WAIT_SECONDS, and applying it again changes nothing."""
+    try:
+        await reply
+    except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError,
+            nats.errors.TimeoutError, nats.errors.OutboundBufferLimitError) as exc:
+        log.warning("message reply not sent; JetStream will redeliver it", error=type(exc).__name__)
 
 
 async def run(settings: Settings) -> None:

@@ -14,7 +14,7 @@ from consumer import metrics
 from consumer.backpressure import ActiveJobs
 from consumer.executors.base import Applied, JobEvent
 from gitfaas.logs import get_logger
-from gitfaas.status import StatusStore, merge_documents, new_status, record_job_state, summarize
+from gitfaas.status import Claim, StatusStore, merge_documents, new_status, record_job_state, summarize
 
 log = get_logger("gitfaas.consumer")
 
@@ -31,9 +31,28 @@ class RequestTracker:
         self.retries_of = retries_of or (lambda _topic: 0)
         self.retry = retry
 
+    async def claim(self, request_id: str, *, topic: str, stream_seq: int, parent: str | None,
+                    retry: int = 0) -> Claim:
+        """Make the id this message's before anything of it is applied (see `StatusStore.claim`).
+
+        `Claim.owner` is set when another stored message owns the id. A status store that cannot be
+        reached claims nothing and refuses nothing: status is a report, the objects are what matter.
+        """
+        if self.store is None:
+            return Claim()
+
+        def create() -> dict[str, Any]:
+            return {**new_status(request_id, topic, stream_seq, parent), "retry": retry}
+
+        try:
+            return await self.store.claim(request_id, stream_seq, create)
+        except Exception as exc:  # noqa: BLE001 — see the docstring
+            log.warning("request id not claimed", error=str(exc) or type(exc).__name__)
+            return Claim()
+
     async def record(self, request_id: str, *, topic: str, stream_seq: int, attempts: int, parent: str | None,
                      state: str, commit: str | None = None, applied: list[Applied] | None = None,
-                     error: str | None = None, retry: int = 0) -> None:
+                     error: str | None = None, retry: int = 0, claimed: Claim | None = None) -> None:
         """Write what the consumer did with a request, and list it under its parent."""
         if self.store is None:
             return
@@ -56,7 +75,7 @@ class RequestTracker:
 
         try:
             await self.store.update(request_id, change,
-                                    create=lambda: new_status(request_id, topic, stream_seq, parent))
+                                    create=lambda: new_status(request_id, topic, stream_seq, parent), known=claimed)
             if parent:  # lineage: list this request under its parent
                 await self.store.update(parent, adopt)
         except Exception as exc:  # noqa: BLE001 — status is a report; the objects are what matter

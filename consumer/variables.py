@@ -13,7 +13,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from consumer.errors import PermanentError
 from consumer.render import MissingVariablesError
+from gitfaas import safejson
 from gitfaas.status import status_key
 
 _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
@@ -102,7 +104,9 @@ class MessageValues:
         if not self._json_parsed:
             self._json_parsed = True
             try:
-                self._json = json.loads(self.body)
+                self._json = safejson.loads(self.body)
+            except safejson.JsonTooDeep as exc:  # not "missing": this body can never give a field
+                raise PermanentError(f"the body cannot give body.{path}: {exc}") from None
             except (ValueError, UnicodeDecodeError):
                 self._json_error = "the body is not JSON"
         if self._json_error:

@@ -39,6 +39,15 @@ from gitfaas.subjects import CONFIG_BUCKET, REQUESTS_BUCKET, Subjects
 log = get_logger(__name__)
 
 STREAM_NAME_IN_USE = 10058  # JetStream: "stream name already in use with a different configuration"
+JS_ACK_PREFIX = "$JS.ACK."  # the reply subject of every message JetStream delivers from a stream
+
+
+def is_stored_message(msg: Any) -> bool:
+    """A message JetStream delivers from a stream, as opposed to a status from the server (idle
+    heartbeat, pull request ended). Decided by the ack subject a stored message always carries, never
+    by a `Status` header: a published message may carry a header of that name too."""
+    reply = getattr(msg, "reply", "") or ""
+    return reply.startswith(JS_ACK_PREFIX)
 
 
 class NatsConfigError(RuntimeError):

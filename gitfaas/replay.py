@@ -14,14 +14,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from gitfaas.message import derived_request_id, request_id_of
 from gitfaas.settings import Settings
-from gitfaas.status import StatusStore
+from gitfaas.status import StatusStore, is_request_id
 from gitfaas.subjects import (
+    HEADER_ATTEMPTS,
+    HEADER_BODY_OMITTED,
     HEADER_CONTENT_TYPE,
     HEADER_ERROR,
     HEADER_PARAM_ENCODING,
@@ -29,6 +31,7 @@ from gitfaas.subjects import (
     HEADER_PARENT,
     HEADER_PUBLISHED_AT,
     HEADER_REQUEST_ID,
+    HEADER_STREAM_SEQ,
     Subjects,
 )
 
@@ -51,7 +54,8 @@ class StoredMessage:
 
     @property
     def request_id(self) -> str:
-        return self.headers.get(HEADER_REQUEST_ID) or f"seq-{self.seq}"
+        """As the consumer saw it: its own header if valid, else the id derived from its sequence."""
+        return request_id_of(self.headers, self.seq)[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,17 +86,19 @@ class DeadLetter:
 
 
 async def republish(js: JetStreamContext, settings: Settings, original: StoredMessage, topic: str,
-                    extra: dict[str, str] | None = None) -> Republished:
+                    extra: dict[str, str] | None = None, parent: str | None = None) -> Republished:
+    """`original` again as a new request; its parent is `parent`, else the original's request id."""
     headers = {k: v for k, v in original.headers.items()
                if k.lower() in _KEPT or k.lower().startswith(_KEPT_PREFIXES)}
     headers.update(extra or {})
     new_id = str(uuid.uuid4())
+    parent = parent or original.request_id
     headers[HEADER_REQUEST_ID] = new_id
-    headers[HEADER_PARENT] = original.request_id
+    headers[HEADER_PARENT] = parent
     headers[HEADER_PUBLISHED_AT] = f"{time.time():.6f}"
     ack = await js.publish(Subjects(settings.subject_prefix).topic(topic), original.data, headers=headers,
                            stream=settings.stream)
-    return Republished(request_id=new_id, topic=topic, stream_seq=ack.seq, parent=original.request_id)
+    return Republished(request_id=new_id, topic=topic, stream_seq=ack.seq, parent=parent)
 
 
 async def stored_message(js: JetStreamContext, stream: str, seq: int) -> StoredMessage:
@@ -114,33 +120,46 @@ async def replay_request(js: JetStreamContext, store: StatusStore, settings: Set
     return await republish(js, settings, original, topic, extra)
 
 
-async def iterate(js: JetStreamContext, stream: str, subject: str, *, since: datetime | None = None,
-                  batch: int = 256) -> AsyncIterator[StoredMessage]:
-    """Every stored message on `subject` (from `since`), through a short-lived ephemeral consumer."""
+async def iterate(js: JetStreamContext, stream: str, subject: str, *, since: datetime | None = None
+                  ) -> AsyncIterator[StoredMessage]:
+    """Every message stored on `subject` (from `since`) up to the stream's last one when it starts.
+
+    Read with the stream's message-get API, one at a time, not through a consumer: a delivered
+    message carrying a header named `Status` would be taken for a server status by the client.
+    """
+    info = await js.stream_info(stream)
+    last = info.state.last_seq
+    seq = max(1, info.state.first_seq or 1) if since is None else await _first_at(js, stream, subject, since)
+    while seq <= last:
+        try:
+            raw = await js.get_msg(stream, seq, subject=subject, next=True)
+        except NotFoundError:
+            return
+        if raw.seq is None or raw.seq > last:
+            return
+        yield StoredMessage(seq=raw.seq, subject=raw.subject or "", data=raw.data or b"",
+                            headers=dict(raw.headers or {}), time=raw.time)
+        seq = raw.seq + 1
+
+
+async def _first_at(js: JetStreamContext, stream: str, subject: str, since: datetime) -> int:
+    """The first sequence stored at or after `since`, as the server finds it for a consumer starting there."""
     config = ConsumerConfig(
         ack_policy=AckPolicy.NONE,
-        deliver_policy=DeliverPolicy.BY_START_TIME if since else DeliverPolicy.ALL,
-        opt_start_time=since.astimezone(UTC).isoformat().replace("+00:00", "Z") if since else None,
+        deliver_policy=DeliverPolicy.BY_START_TIME,
+        opt_start_time=since.astimezone(UTC).isoformat().replace("+00:00", "Z"),
         filter_subject=subject,
-        inactive_threshold=60.0,
+        inactive_threshold=30.0,
         mem_storage=True,
     )
-    sub = await js.pull_subscribe(subject, stream=stream, config=config)
+    info = await js.add_consumer(stream, config)
     try:
-        info = await sub.consumer_info()
-        remaining = info.num_pending or 0
-        while remaining > 0:
-            try:
-                messages = await sub.fetch(min(batch, remaining), timeout=2.0)
-            except NatsTimeoutError:
-                return
-            for msg in messages:
-                meta = msg.metadata
-                remaining = meta.num_pending
-                yield StoredMessage(seq=meta.sequence.stream, subject=msg.subject, data=msg.data or b"",
-                                    headers=dict(msg.headers or {}), time=meta.timestamp)
+        return info.delivered.stream_seq + 1 if info.delivered and info.delivered.stream_seq else 1
     finally:
-        await sub.unsubscribe()
+        try:
+            await js.delete_consumer(stream, info.name)
+        except NotFoundError:
+            pass
 
 
 async def replay_topic(js: JetStreamContext, store: StatusStore, settings: Settings, topic: str,
@@ -162,9 +181,14 @@ async def replay_topic(js: JetStreamContext, store: StatusStore, settings: Setti
 def _dead_letter(message: StoredMessage, subjects: Subjects) -> DeadLetter:
     topic = message.subject[len(subjects.dead_prefix):] if message.subject.startswith(subjects.dead_prefix) \
         else message.subject
-    return DeadLetter(seq=message.seq, topic=topic, request_id=message.request_id,
+    # The consumer wrote the id it used (its own, checked, or `seq-<n>`); an older letter may hold another.
+    request_id = message.headers.get(HEADER_REQUEST_ID, "")
+    if not is_request_id(request_id):
+        request_id = derived_request_id(int(seq)) if (seq := message.headers.get(HEADER_STREAM_SEQ, "")).isdecimal() \
+            and len(seq) < 20 else "unknown"
+    return DeadLetter(seq=message.seq, topic=topic, request_id=request_id,
                       error=message.headers.get(HEADER_ERROR, ""),
-                      attempts=message.headers.get("Gitfaas-Attempts", "?"), time=message.time,
+                      attempts=message.headers.get(HEADER_ATTEMPTS, "?"), time=message.time,
                       headers=message.headers, data=message.data)
 
 
@@ -182,9 +206,13 @@ async def redrive(js: JetStreamContext, settings: Settings, seq: int) -> Republi
     """Send a dead letter through the stream again as a linked request, then remove it."""
     letter = await dead_letter(js, settings, seq)
     original = StoredMessage(seq=seq, subject=Subjects(settings.subject_prefix).topic(letter.topic),
-                             data=letter.data, headers={**letter.headers, HEADER_REQUEST_ID: letter.request_id},
-                             time=letter.time)
-    republished = await republish(js, settings, original, letter.topic)
+                             data=letter.data, headers=letter.headers, time=letter.time)
+    if HEADER_BODY_OMITTED in letter.headers:  # too large to dead-letter whole: take it from the stream
+        stream_seq = letter.headers.get(HEADER_STREAM_SEQ, "")
+        if not stream_seq.isdecimal():
+            raise ReplayError(f"dead letter {seq} has neither its body nor the sequence of its original")
+        original = await stored_message(js, settings.stream, int(stream_seq))
+    republished = await republish(js, settings, original, letter.topic, parent=letter.request_id)
     await js.delete_msg(settings.dead_stream, seq)
     return republished
 

@@ -71,6 +71,7 @@ class Settings:
     ack_wait_seconds: float = 30
     apply_timeout_seconds: float = 15
     stall_seconds: float = 300
+    nats_unhealthy_seconds: float = 120  # consumer /healthz fails once NATS is unreachable this long (0: never)
     banned_kinds: tuple[str, ...] = DEFAULT_BANNED_KINDS
     allowed_namespaces: tuple[str, ...] = ()  # empty: only kube_namespace
     consumer_host: str = "0.0.0.0"
@@ -143,6 +144,7 @@ class Settings:
             ack_wait_seconds=reader.number("ACK_WAIT_SECONDS", cls.ack_wait_seconds),
             apply_timeout_seconds=reader.number("APPLY_TIMEOUT_SECONDS", cls.apply_timeout_seconds),
             stall_seconds=reader.number("STALL_SECONDS", cls.stall_seconds),
+            nats_unhealthy_seconds=reader.number("NATS_UNHEALTHY_SECONDS", cls.nats_unhealthy_seconds),
             banned_kinds=reader.words("BANNED_KINDS", reader.words("BANNED_KUBE_RESS", DEFAULT_BANNED_KINDS)),
             allowed_namespaces=reader.words("ALLOWED_NAMESPACES", ()),
             consumer_host=reader.text("CONSUMER_HOST", cls.consumer_host),

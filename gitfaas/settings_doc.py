@@ -54,6 +54,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("ACK_WAIT_SECONDS", (CONSUMER,), "redelivery time of an unacknowledged message (default 30)"),
     Variable("APPLY_TIMEOUT_SECONDS", (CONSUMER,), "longest wait for one API call (default 15)"),
     Variable("STALL_SECONDS", (CONSUMER,), "work waiting this long without progress counts as stalled (default 300)"),
+    Variable("NATS_UNHEALTHY_SECONDS", (CONSUMER,), "/healthz fails once NATS has been unreachable this long, "
+             "so the pod is restarted (default 120; 0: never)"),
     Variable("BANNED_KINDS", (CONSUMER,), "kinds never applied (default Role RoleBinding ClusterRole "
              "ClusterRoleBinding ServiceAccount Secret; alias BANNED_KUBE_RESS)"),
     Variable("ALLOWED_NAMESPACES", (CONSUMER,), "namespaces documents may target (default: KUBE_NAMESPACE only)"),

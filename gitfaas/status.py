@@ -1,37 +1,52 @@
 """Request status documents in the JetStream key-value bucket `gitfaas_requests` (§6).
 
 The bucket's TTL (`REQUEST_TTL_SECONDS`) expires old requests. Keys are the request ids, which
-the bridge makes UUIDs; ids from elsewhere are mapped to a valid key the same way everywhere.
-Writes use the bucket's revision (compare-and-set) so two writers never lose each other's update.
+are checked (`gitfaas.subjects.check_request_id`) before they become a key: a key is part of a
+NATS subject, and an id from a message could otherwise be anything. Writes use the bucket's
+revision (compare-and-set) so two writers never lose each other's update.
+
+A request id belongs to the stored message that first used it (`claim`): another message
+carrying the same id is refused, so it cannot overwrite the owner's status, responses or lineage.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
+from gitfaas.subjects import InvalidName, check_request_id
+
 STATES = ("pending", "applied", "running", "succeeded", "failed", "dead")
-_KEY_SAFE = re.compile(r"[A-Za-z0-9_=-]+")
+_UID_TOKEN = re.compile(r"[0-9]{1,6}")
+_UID_SECRET = re.compile(r"[a-z0-9]{1,64}")
 
 
 def status_key(request_id: str) -> str:
-    if _KEY_SAFE.fullmatch(request_id):
-        return request_id
-    return "b64-" + base64.urlsafe_b64encode(request_id.encode()).decode().rstrip("=")
+    """The bucket key of a request: the id itself, once checked. Raises `InvalidName` otherwise."""
+    return check_request_id(request_id)
+
+
+def is_request_id(value: str) -> bool:
+    try:
+        check_request_id(value)
+    except InvalidName:
+        return False
+    return True
 
 
 def request_key_of_function(function_uid: str) -> str | None:
     """The status key a `FUNCTION_UID` names (see `consumer.variables.function_uid`), if well formed."""
     parts = function_uid.rsplit(".", 2)
-    if len(parts) != 3 or not parts[1].isdigit() or not _KEY_SAFE.fullmatch(parts[0]):
+    if len(parts) != 3 or not _UID_TOKEN.fullmatch(parts[1]) or not _UID_SECRET.fullmatch(parts[2]) \
+            or not is_request_id(parts[0]):
         return None
     return parts[0]
 
@@ -65,11 +80,27 @@ def new_status(request_id: str, topic: str, stream_seq: int, parent: str | None)
     }
 
 
+@dataclass(slots=True)
+class Claim:
+    """The outcome of `StatusStore.claim`: the id is this message's (`owner` None), or another's."""
+
+    owner: int | None = None  # the stream sequence of the message the id belongs to, if not this one
+    document: dict[str, Any] | None = None  # as written by the claim, with its revision: the next
+    revision: int | None = None  # update of this message can skip reading it back
+
+
+def _wrong_last_sequence(exc: Exception) -> bool:
+    return isinstance(exc, KeyWrongLastSequenceError) or "wrong last sequence" in str(exc).lower() \
+        or getattr(exc, "err_code", None) == 10071
+
+
 class StatusStore:
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
 
     async def get(self, request_id: str) -> dict[str, Any] | None:
+        if not is_request_id(request_id):
+            return None  # an id that cannot be a key has no status
         try:
             entry = await self.kv.get(status_key(request_id))
         except (KeyNotFoundError, NotFoundError):
@@ -78,12 +109,53 @@ class StatusStore:
             return None
         return json.loads(entry.value)
 
+    async def claim(self, request_id: str, stream_seq: int, create: Callable[[], dict[str, Any]],
+                    attempts: int = 8) -> Claim:
+        """Make `request_id` belong to stream message `stream_seq`, unless another message has it.
+
+        The first message handled with an id writes its document (`create()`, with `stream_seq`); a
+        redelivery of that message finds its own sequence there. A document without a sequence
+        (a Job reported before its apply was recorded) is adopted.
+        """
+        key = status_key(request_id)
+        for _ in range(attempts):
+            try:
+                entry = await self.kv.get(key)
+            except (KeyNotFoundError, NotFoundError):
+                entry = None
+            if entry is None or not entry.value:
+                document = create()
+                try:
+                    revision = await self.kv.create(key, json.dumps(document).encode())
+                except Exception as exc:  # `create` of a key that appeared meanwhile
+                    if _wrong_last_sequence(exc):
+                        continue
+                    raise
+                return Claim(None, document, revision)
+            document = json.loads(entry.value)
+            owner = int(document.get("stream_seq") or 0)
+            if owner == stream_seq:
+                return Claim(None, document, entry.revision)
+            if owner:
+                return Claim(owner)
+            document["stream_seq"] = stream_seq
+            try:
+                revision = await self.kv.update(key, json.dumps(document).encode(), last=entry.revision)
+            except Exception as exc:
+                if _wrong_last_sequence(exc):
+                    continue
+                raise
+            return Claim(None, document, revision)
+        raise RuntimeError(f"status of {request_id} kept changing under us; not claimed")
+
     async def wait(self, request_id: str, done: Callable[[dict[str, Any]], bool],
                    timeout: float) -> tuple[bool, dict[str, Any] | None]:
         """Until `done(document)` or the timeout, from a key watch (no polling).
 
         Returns whether it got there, and the last document seen (None if there is none).
         """
+        if not is_request_id(request_id):
+            return False, None
         watcher = await self.kv.watch(status_key(request_id))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -110,16 +182,21 @@ class StatusStore:
         *,
         create: Callable[[], dict[str, Any]] | None = None,
         attempts: int = 8,
+        known: Claim | None = None,
     ) -> dict[str, Any] | None:
         """Read-modify-write with the revision as guard; retried when another writer won.
 
         With `create`, the first try assumes the document is new and skips the read: most
         requests are recorded once, so this saves a round trip on the hot path (bench B2).
+        With `known` (what this message's `claim` wrote), the first try starts from that instead.
         """
         key = status_key(request_id)
-        assume_new = create is not None
+        assume_new = create is not None and known is None
         for _ in range(attempts):
-            if assume_new:
+            if known is not None and known.document is not None and known.revision is not None:
+                document, revision = json.loads(json.dumps(known.document)), known.revision
+                known = None
+            elif assume_new:
                 document, revision, assume_new = None, None, False
             else:
                 try:
@@ -140,10 +217,8 @@ class StatusStore:
                 else:
                     await self.kv.update(key, payload, last=revision)
                 return document
-            except KeyWrongLastSequenceError:
-                continue
-            except Exception as exc:  # `create` of a key that appeared meanwhile
-                if "wrong last sequence" in str(exc).lower() or getattr(exc, "err_code", None) == 10071:
+            except Exception as exc:  # another writer won, or `create` of a key that appeared meanwhile
+                if _wrong_last_sequence(exc):
                     continue
                 raise
         raise RuntimeError(f"status of {request_id} kept changing under us; update not stored")

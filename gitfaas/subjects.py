@@ -13,6 +13,17 @@ TOPIC_PATTERN = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 # Variable / parameter names as written in a manifest: `{{ body.file.name }}`, `{{ replicas }}`.
 PARAM_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 MAX_TOPIC_LENGTH = 200
+MAX_PARAM_NAME_LENGTH = 200
+# A request id becomes a key of the status bucket (so part of a NATS subject), a header value, a label
+# and part of FUNCTION_UID: letters, digits, '-' and '_', starting with a letter or digit. The bridge
+# makes UUIDs; `seq-<n>` is reserved for the ids the consumer derives from the stream sequence.
+MAX_REQUEST_ID_LENGTH = 128
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+DERIVED_ID_PATTERN = re.compile(r"seq-[0-9]+")
+# An `Idempotency-Key` (the JetStream message id): visible ASCII, no spaces.
+MAX_IDEMPOTENCY_KEY_LENGTH = 256
+IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x21-\x7e]+")
+MAX_CONTENT_TYPE_LENGTH = 255
 
 HEADER_REQUEST_ID = "Gitfaas-Request-Id"
 HEADER_PARENT = "Gitfaas-Parent"
@@ -25,6 +36,11 @@ HEADER_PARAM_ENCODING = "Gitfaas-Params-Encoding"
 HEADER_CONTENT_TYPE = "Gitfaas-Content-Type"
 HEADER_PUBLISHED_AT = "Gitfaas-Published-At"
 HEADER_ERROR = "Gitfaas-Error"
+# Set on a dead letter: the original's stream sequence, its deliveries, and (when the original was too
+# large to be copied whole) the size of the body left out, which a redrive then reads from the stream.
+HEADER_STREAM_SEQ = "Gitfaas-Stream-Seq"
+HEADER_ATTEMPTS = "Gitfaas-Attempts"
+HEADER_BODY_OMITTED = "Gitfaas-Body-Omitted"
 HEADER_MSG_ID = "Nats-Msg-Id"
 
 CONFIG_BUCKET = "gitfaas_config"
@@ -48,33 +64,69 @@ BUILTIN_VARIABLES = frozenset(
 
 
 class InvalidName(ValueError):
-    """A topic or parameter name the contract does not allow; the message says why."""
+    """A topic, parameter name, id or header value the contract does not allow; the message says why.
+
+    The message never quotes the refused value: it may be anything, of any length.
+    """
 
 
-def check_topic(topic: str) -> str:
+def check_topic(topic: str, *, quote: bool = False) -> str:
+    """`quote`: name the refused topic in the message (for trusted text, such as the repository's)."""
     if not topic:
         raise InvalidName("topic name is empty")
     if len(topic) > MAX_TOPIC_LENGTH:
         raise InvalidName(f"topic name is longer than {MAX_TOPIC_LENGTH} characters")
     if not TOPIC_PATTERN.fullmatch(topic):
         raise InvalidName(
-            f"topic name {topic!r} is not valid: use letters, digits, '_' and '-', with '.' between "
-            "tokens (no '*', '>', spaces or empty tokens)"
+            f"topic name {f'{topic!r} ' if quote else ''}is not valid: use letters, digits, '_' and '-', "
+            "with '.' between tokens (no '*', '>', spaces or empty tokens)"
         )
     return topic
 
 
-def check_param_name(name: str) -> str:
-    if not PARAM_NAME_PATTERN.fullmatch(name):
+def check_param_name(name: str, *, quote: bool = False) -> str:
+    if len(name) > MAX_PARAM_NAME_LENGTH or not PARAM_NAME_PATTERN.fullmatch(name):
         raise InvalidName(
-            f"parameter name {name!r} is not valid: start with a letter or '_', then letters, digits, "
-            "'_', '.' or '-'"
+            f"{f'parameter name {name[:MAX_PARAM_NAME_LENGTH]!r}' if quote else 'a parameter name'} is not "
+            f"valid: start with a letter or '_', then letters, digits, '_', '.' or '-' "
+            f"(at most {MAX_PARAM_NAME_LENGTH} characters)"
         )
     if name in BUILTIN_VARIABLES:
         raise InvalidName(f"parameter {name!r} would override the built-in variable of that name")
     if name.startswith("body."):
         raise InvalidName(f"parameter {name!r} would shadow a field of the JSON body")
     return name
+
+
+def check_request_id(value: str, what: str = "request id") -> str:
+    """A request (or parent) id as it may enter: see `REQUEST_ID_PATTERN`. `InvalidName` otherwise."""
+    if not value or len(value) > MAX_REQUEST_ID_LENGTH or not REQUEST_ID_PATTERN.fullmatch(value):
+        raise InvalidName(f"{what} is not valid: 1 to {MAX_REQUEST_ID_LENGTH} letters, digits, '-' or '_', "
+                          "starting with a letter or digit")
+    return value
+
+
+def check_given_request_id(value: str, what: str = "request id") -> str:
+    """An id a message brings itself: valid, and not one of the `seq-<n>` ids gitfaas derives."""
+    check_request_id(value, what)
+    if DERIVED_ID_PATTERN.fullmatch(value):
+        raise InvalidName(f"{what} is not valid: ids of the form seq-<n> are reserved for gitfaas")
+    return value
+
+
+def check_idempotency_key(value: str) -> str:
+    if len(value) > MAX_IDEMPOTENCY_KEY_LENGTH or not IDEMPOTENCY_KEY_PATTERN.fullmatch(value):
+        raise InvalidName(f"Idempotency-Key is not valid: 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} visible ASCII "
+                          "characters, no spaces")
+    return value
+
+
+def check_content_type(value: str) -> str:
+    """A content type as it is carried in a header: printable ASCII, bounded."""
+    if len(value) > MAX_CONTENT_TYPE_LENGTH or not all(" " <= c <= "~" for c in value):
+        raise InvalidName(f"Content-Type is not valid: at most {MAX_CONTENT_TYPE_LENGTH} printable ASCII "
+                          "characters")
+    return value
 
 
 class Subjects:

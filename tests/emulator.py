@@ -138,16 +138,25 @@ class Fault:
     reason: str | None = None
     message: str | None = None
     method: str | None = "PATCH"  # None: any method
-    plural: str | None = None  # None: any resource (discovery requests are never failed)
+    plural: str | None = None  # None: any resource (discovery requests are failed only through `path`)
     retry_after: int | None = None
     delay: float = 0.0  # seconds the (simulated) server hangs before answering: a client timeout
-    hits: int = 0
+    path: str | None = None  # a regex the URL path must match in full: any request, discovery included
+    every: int = 1  # fail one in `every` matching requests (2: half of them), let the others through
+    until: float | None = None  # the event loop's time after which the fault matches nothing
+    hits: int = 0  # requests failed
+    passed: int = 0  # matching requests let through (`every` > 1)
 
     def matches(self, request: kmock.Request) -> bool:
+        if self.until is not None and asyncio.get_running_loop().time() > self.until:
+            return False
+        if self.method is not None and str(request.method.value).upper() != self.method.upper():
+            return False
+        if self.path is not None:
+            return re.fullmatch(self.path, request.url.path) is not None
         resource = request.resource
         return bool(
             resource is not None and resource.plural is not None
-            and (self.method is None or str(request.method.value).upper() == self.method.upper())
             and (self.plural is None or resource.plural == self.plural)
         )
 
@@ -201,9 +210,15 @@ class Emulator(kmock.KubernetesEmulator, _DirectDispatch):
     # --- fault injection -------------------------------------------------------------------------------
     def fail_next(self, status: int, count: int | None = 1, *, reason: str | None = None,
                   message: str | None = None, method: str | None = "PATCH", plural: str | None = None,
-                  retry_after: int | None = None, delay: float = 0.0) -> Fault:
-        """Make the next ``count`` matching requests (None: all, until removed) answer ``status``."""
-        fault = Fault(status, count, reason, message, method, plural, retry_after, delay)
+                  retry_after: int | None = None, delay: float = 0.0, path: str | None = None,
+                  every: int = 1, duration: float | None = None) -> Fault:
+        """Make the next ``count`` matching requests (None: all, until removed) answer ``status``.
+
+        ``path`` matches any request by its URL path (discovery too); ``every=2`` fails every other
+        matching request; ``duration`` ends the fault that many seconds from now.
+        """
+        until = None if duration is None else asyncio.get_running_loop().time() + duration
+        fault = Fault(status, count, reason, message, method, plural, retry_after, delay, path, every, until)
         self.faults.append(fault)
         return fault
 
@@ -220,6 +235,9 @@ class Emulator(kmock.KubernetesEmulator, _DirectDispatch):
     def _take_fault(self, request: kmock.Request) -> Fault | None:
         for fault in self.faults:
             if fault.matches(request):
+                if (fault.hits + fault.passed) % fault.every != fault.every - 1:
+                    fault.passed += 1
+                    return None
                 fault.hits += 1
                 if fault.count is not None:
                     fault.count -= 1

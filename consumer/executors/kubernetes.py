@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import tempfile
 from typing import Any
 
@@ -21,13 +22,15 @@ from kubernetes_asyncio.config.config_exception import ConfigException
 from kubernetes_asyncio.dynamic import DynamicClient
 from kubernetes_asyncio.dynamic.exceptions import DynamicApiError, ResourceNotFoundError
 
-from consumer.errors import PermanentError, TransientError
+from consumer.errors import HandlingError, PermanentError, TransientError
 from consumer.executors.base import Applied, JobEvents
 from consumer.jobwatch import JobWatcher
 from gitfaas.settings import Settings
 
 FIELD_MANAGER = "gitfaas"
 TRANSIENT_STATUSES = {408, 409, 429}
+# `group/version` or `version`: a DNS subdomain and a DNS label, as the API server names them.
+API_VERSION = re.compile(r"(?:[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?/)?[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
 
 
 PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy")
@@ -91,13 +94,46 @@ class KubernetesExecutor:
         assert self._dynamic is not None, "executor not started"
         async with self._lock:  # discovery is not safe to run many times at once
             if key not in self._resources:
-                try:
-                    self._resources[key] = await self._dynamic.resources.get(api_version=api_version, kind=kind)
-                except ResourceNotFoundError:
-                    raise PermanentError(f"the API server does not know kind {kind} in {api_version}") from None
-                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                    raise TransientError(f"API discovery failed: {type(exc).__name__}: {exc}") from None
+                self._resources[key] = await self._discover(api_version, kind)
         return self._resources[key]
+
+    async def _discover(self, api_version: str, kind: str) -> Any:
+        """The resource of a kind, or why not: only a definite answer from the API server (its group and
+        version do not exist: 404; they exist without the kind) is permanent, any failure is transient."""
+        assert self._dynamic is not None
+        if not API_VERSION.fullmatch(api_version):
+            raise PermanentError(f"apiVersion {api_version[:100]!r} is not valid")
+        try:
+            return await self._dynamic.resources.get(api_version=api_version, kind=kind)
+        except ResourceNotFoundError:
+            # kubernetes_asyncio reads a failed discovery request (500, 503, a 404 too) as "no resources",
+            # so "not found" may only mean the request failed: ask the API server ourselves.
+            raise await self._why_unknown(api_version, kind) from None
+        except DynamicApiError as exc:
+            raise TransientError(f"API discovery of {api_version} failed: HTTP {exc.status}") from None
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise TransientError(f"API discovery failed: {type(exc).__name__}: {exc}") from None
+
+    async def _why_unknown(self, api_version: str, kind: str) -> HandlingError:
+        assert self._dynamic is not None
+        path = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+        try:
+            response = await self._dynamic.request("GET", path, serialize=False,
+                                                   _request_timeout=self._settings.apply_timeout_seconds)
+            async with response:
+                status, payload = response.status, await response.read()
+        except (ApiException, DynamicApiError) as exc:
+            status, payload = getattr(exc, "status", None), b""
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            return TransientError(f"API discovery of {api_version} failed: {type(exc).__name__}: {exc}")
+        if status == 404:
+            return PermanentError(f"the API server does not serve {api_version} (kind {kind})")
+        body = _json(payload) if status == 200 else None
+        if not isinstance(body, dict) or not isinstance(body.get("resources"), list):
+            return TransientError(f"API discovery of {api_version} failed: HTTP {status}")
+        if any(isinstance(r, dict) and r.get("kind") == kind for r in body["resources"]):
+            return TransientError(f"API discovery of {api_version} was incomplete (kind {kind} is served)")
+        return PermanentError(f"the API server does not know kind {kind} in {api_version}")
 
     async def apply(self, document: dict[str, Any]) -> Applied:
         assert self._dynamic is not None, "executor not started"

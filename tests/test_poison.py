@@ -1,0 +1,309 @@
+"""Issue 13: no message can stop the service — poison messages, forged ids, brief outages.
+
+Each test is an attack on the running bridge and consumer (real nats-server, the Kubernetes
+emulator): it checks that the attack is refused with a reason (a dead letter over NATS, a JSON `400`
+over HTTP) and that the next good message is still applied within seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from cli.operator import dead, replay
+from gitfaas.embedded import EmbeddedNats
+from gitfaas.replay import DeadLetter, dead_letters
+from tests.conftest import GitRepo, Stack, config_json, job_manifest, make_settings, running_stack, wait_for
+from tests.emulator import EmulatorHandle
+from tests.test_core_loop import env_of
+
+GOOD_WITHIN_SECONDS = 5.0
+
+FIELDS = job_manifest("fields").replace(
+    "            - name: NATS_URL\n",
+    "            - name: FIELD\n              value: \"{{body.x}}\"\n            - name: NATS_URL\n")
+WIDGET = "apiVersion: example.com/v1\nkind: Widget\nmetadata:\n  name: widget-{{RANDOM}}\nspec: {}\n"
+NO_SUCH_KIND = job_manifest("nokind").replace("kind: Job", "kind: NoSuchKind")
+
+
+@pytest.fixture
+def poison_repo(tmp_path: Path) -> GitRepo:
+    repo = GitRepo(tmp_path / "repo")
+    repo.commit({
+        "config.json": config_json({"hello": ["hello.yaml"], "fields": ["fields.yaml"], "widget": ["widget.yaml"],
+                                    "nokind": ["nokind.yaml"]}),
+        "hello.yaml": job_manifest("hello"),
+        "fields.yaml": FIELDS,
+        "widget.yaml": WIDGET,
+        "nokind.yaml": NO_SUCH_KIND,
+    }, "poison targets")
+    return repo
+
+
+@pytest.fixture
+async def poison(nats_server: EmbeddedNats, k8s: EmulatorHandle, poison_repo: GitRepo, tmp_path: Path
+                 ) -> AsyncIterator[Stack]:
+    async with running_stack(make_settings(nats_server, k8s, poison_repo.path, tmp_path)) as stack:
+        yield stack
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+async def raw_publish(stack: Stack, topic: str, body: bytes, headers: dict[str, str] | None = None) -> int:
+    """What any NATS client may publish (a function, or an attacker with publish rights)."""
+    nc = await nats.connect(stack.settings.nats_url)
+    try:
+        ack = await nc.jetstream().publish(f"gitfaas.topics.{topic}", body, headers=headers)
+        return ack.seq
+    finally:
+        await nc.close()
+
+
+async def all_dead_letters(stack: Stack) -> list[DeadLetter]:
+    nc = await nats.connect(stack.settings.nats_url)
+    try:
+        return await dead_letters(nc.jetstream(), stack.settings)
+    finally:
+        await nc.close()
+
+
+async def dead_letter_of(stack: Stack, seq: int, timeout: float = 10.0) -> DeadLetter:
+    async def find() -> DeadLetter | None:
+        return next((d for d in await all_dead_letters(stack) if d.headers.get("Gitfaas-Stream-Seq") == str(seq)),
+                    None)
+    return await wait_for(find, timeout=timeout, interval=0.1, message=f"the dead letter of stream message {seq}")
+
+
+def jobs_of(k8s: EmulatorHandle, request_id: str) -> list[dict[str, Any]]:
+    return [job for job in k8s.jobs() if env_of(job).get("REQUEST_UUID") == request_id]
+
+
+async def status_of(stack: Stack, request_id: str) -> dict[str, Any] | None:
+    code, document = await stack.get_json(f"/requests/{request_id}")
+    return document if code == 200 else None
+
+
+async def good_message_goes_through(stack: Stack, k8s: EmulatorHandle, topic: str = "hello") -> float:
+    """Publish a good message over HTTP; it must become its Job within seconds. Returns how long it took."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    response = await stack.publish(topic, "good")
+    assert response.status == 202, await response.text()
+    request_id = (await response.json())["request_id"]
+    await wait_for(lambda: jobs_of(k8s, request_id), timeout=GOOD_WITHIN_SECONDS,
+                   message="the next good message to be applied")
+    return loop.time() - started
+
+
+async def consumer_ready(stack: Stack) -> None:
+    consumer = stack.consumers[0]
+
+    def ready() -> bool:
+        return consumer.ready()[0]
+    await wait_for(ready, timeout=GOOD_WITHIN_SECONDS, message="the consumer to be ready")
+
+
+async def raw_http(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes as they are (no client library cleans them up); the answer's status, headers, body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+        length = int(headers.get("content-length", "0"))
+        body = await asyncio.wait_for(reader.readexactly(length), 5)
+        return status, headers, body
+    finally:
+        writer.close()
+
+
+def assert_json_error(status: int, headers: dict[str, str], body: bytes, marker: bytes | None = None) -> str:
+    assert 400 <= status < 600
+    assert headers.get("content-type", "").startswith("application/json"), (status, headers, body[:200])
+    answer = json.loads(body)
+    assert set(answer) == {"error"} and isinstance(answer["error"], str) and answer["error"]
+    if marker is not None:
+        assert marker not in body, f"the answer echoes the input: {body[:300]!r}"
+    return answer["error"]
+
+
+# ==== 1. An over-long request id (a subject over nats-server's control-line limit) ===============
+
+async def test_an_overlong_request_id_is_dead_lettered_and_processing_goes_on(
+    poison: Stack, k8s: EmulatorHandle
+) -> None:
+    seq = await raw_publish(poison, "hello", b"x", {"Gitfaas-Request-Id": "a" * 5000})
+    letter = await dead_letter_of(poison, seq)
+    assert "Gitfaas-Request-Id" in letter.error and letter.attempts == "1", letter.error
+    assert letter.request_id == f"seq-{seq}", "the dead letter carries an id gitfaas derived, not the bad one"
+    assert not [job for job in k8s.jobs() if env_of(job)["MESSAGE"] == "eA=="], "nothing of it was applied"
+    document = await wait_for(lambda: status_of(poison, f"seq-{seq}"), message="its status")
+    assert document["state"] == "dead"
+    await good_message_goes_through(poison, k8s)
+    await consumer_ready(poison)
+
+
+# ==== 2. A header named Status (what JetStream's control messages carry) =========================
+
+@pytest.mark.parametrize("headers", [{"Status": "404"}, {"Status": "100", "Description": "Idle Heartbeat"},
+                                     {"Status": "409", "Description": "Consumer Deleted"}, {"status": "x"}])
+async def test_a_status_header_does_not_make_a_message_vanish(
+    poison: Stack, k8s: EmulatorHandle, headers: dict[str, str]
+) -> None:
+    request_id = str(uuid.uuid4())
+    await raw_publish(poison, "hello", b"", {**headers, "Gitfaas-Request-Id": request_id})
+    await wait_for(lambda: jobs_of(k8s, request_id), timeout=GOOD_WITHIN_SECONDS, message="its Job")
+    # Dead letters and replays read such messages back too.
+    doomed = await raw_publish(poison, "fields", b"not json", {**headers, "Gitfaas-Request-Id": str(uuid.uuid4())})
+    letter = await dead_letter_of(poison, doomed)
+    assert "body.x" in letter.error
+    out = io.StringIO()
+    assert await dead(poison.settings, "list", None, False, False, out=out) == 0
+    assert "body.x" in out.getvalue()
+    out = io.StringIO()
+    assert await replay(poison.settings, None, "hello", "1h", False, out=out) == 0
+    assert "replayed" in out.getvalue()
+    await wait_for(lambda: len(k8s.jobs()) >= 2, message="the replayed Job")
+    await good_message_goes_through(poison, k8s)
+
+
+# ==== 3. A brief API discovery failure is transient; only a definite "no such kind" is permanent ==
+
+@pytest.mark.parametrize("status", [500, 503])
+async def test_a_discovery_failure_is_retried_not_dead_lettered(
+    poison: Stack, k8s: EmulatorHandle, status: int
+) -> None:
+    fault = k8s.emulator.fail_next(status, count=3, method="GET", path="/apis/batch/v1")
+    response = await poison.publish("hello", "during discovery trouble")
+    request_id = (await response.json())["request_id"]
+    await wait_for(lambda: jobs_of(k8s, request_id), timeout=15, message="the Job once discovery answers")
+    assert fault.hits == 3 and fault not in k8s.emulator.faults, "the discovery fault happened"
+    await wait_for(lambda: _state_is(poison, request_id, "applied"), message="its status to say applied")
+    assert (await status_of(poison, request_id))["attempts"] >= 2
+    assert not await all_dead_letters(poison)
+
+
+@pytest.mark.parametrize(("topic", "reason"), [("widget", "example.com/v1"), ("nokind", "NoSuchKind")])
+async def test_a_kind_the_api_server_does_not_have_goes_dead_at_once(
+    poison: Stack, k8s: EmulatorHandle, topic: str, reason: str
+) -> None:
+    response = await poison.publish(topic, "x")
+    request_id = (await response.json())["request_id"]
+    [letter] = await wait_for(lambda: all_dead_letters(poison), message="the dead letter")
+    assert letter.request_id == request_id and reason in letter.error and letter.attempts == "1", letter.error
+    await good_message_goes_through(poison, k8s)
+
+
+# ==== 4. Deeply nested JSON ======================================================================
+
+DEEP = b"[" * 30000 + b"]" * 30000  # under MAX_PAYLOAD_BYTES
+
+
+async def test_deep_json_is_refused_by_the_bridge_with_a_reason(poison: Stack, k8s: EmulatorHandle) -> None:
+    port = poison.settings.bridge_port
+    for path in ("/publish/hello", "/response/r.0.abcdefghijklmnop"):
+        status, headers, body = await raw_http(port, (
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(DEEP)}\r\n\r\n").encode() + DEEP)
+        assert status == 400, (path, status, body[:200])
+        assert "nested" in assert_json_error(status, headers, body)
+    # The limit leaves ordinary JSON alone: 100 levels are accepted.
+    fine = b'{"x": ' + b"[" * 99 + b"]" * 99 + b"}"
+    response = await poison.publish("fields", fine, headers={"Content-Type": "application/json"})
+    assert response.status == 202, await response.text()
+    await good_message_goes_through(poison, k8s)
+
+
+async def test_deep_json_is_dead_lettered_by_the_consumer_at_once(poison: Stack, k8s: EmulatorHandle) -> None:
+    seq = await raw_publish(poison, "fields", DEEP, {"Gitfaas-Request-Id": str(uuid.uuid4())})
+    letter = await dead_letter_of(poison, seq, timeout=GOOD_WITHIN_SECONDS)
+    assert letter.attempts == "1" and "nested" in letter.error, letter.error
+    # Sent as text over HTTP (the bridge checks only declared JSON): the consumer refuses it the same way.
+    response = await poison.publish("fields", DEEP, headers={"Content-Type": "text/plain"})
+    assert response.status == 202
+    request_id = (await response.json())["request_id"]
+    document = await wait_for(lambda: status_of(poison, request_id), message="its status")
+    await wait_for(lambda: _state_is(poison, request_id, "dead"), message="it to go dead")
+    assert document is not None
+    await good_message_goes_through(poison, k8s)
+
+
+async def _state_is(stack: Stack, request_id: str, state: str) -> bool:
+    document = await status_of(stack, request_id)
+    return bool(document and document.get("state") == state)
+
+
+# ==== 5. Header values the NATS wire cannot carry (non-ASCII, over-long) =========================
+
+@pytest.mark.parametrize("value", [b"\xe9t\xe9", "clé".encode(), b"k" * 5000, b"a b", b"a\x7fb"])
+async def test_a_bad_idempotency_key_is_a_400_not_a_500(poison: Stack, k8s: EmulatorHandle, value: bytes) -> None:
+    status, headers, body = await raw_http(poison.settings.bridge_port, (
+        b"POST /publish/hello HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nIdempotency-Key: " + value + b"\r\n\r\nx"))
+    assert status == 400, (status, body[:300])
+    error = assert_json_error(status, headers, body, value if len(value) > 3 else None)
+    assert "Idempotency-Key" in error or b"\x7f" in value, error  # DEL is refused by the HTTP parser itself
+    # A good key still deduplicates.
+    first = await poison.publish("hello", "once", headers={"Idempotency-Key": "order-42"})
+    again = await poison.publish("hello", "once", headers={"Idempotency-Key": "order-42"})
+    assert (await again.json())["duplicate"] is True
+    assert (await again.json())["request_id"] == (await first.json())["request_id"]
+    await good_message_goes_through(poison, k8s)
+
+
+# ==== 6. A forged request id cannot take over another request's status ===========================
+
+async def test_a_reused_request_id_is_refused_and_the_owner_keeps_its_status(
+    poison: Stack, k8s: EmulatorHandle
+) -> None:
+    response = await poison.publish("hello", "the victim")
+    victim = (await response.json())["request_id"]
+    await wait_for(lambda: _state_is(poison, victim, "applied"), message="the victim applied")
+    before = await status_of(poison, victim)
+
+    forged = await raw_publish(poison, "fields", b'{"x": "forged"}',
+                               {"Gitfaas-Request-Id": victim, "Gitfaas-Parent": victim})
+    letter = await dead_letter_of(poison, forged)
+    assert victim in letter.error and f"stream message {before['stream_seq']}" in letter.error, letter.error
+    assert letter.request_id == f"seq-{forged}" and letter.attempts == "1"
+    assert [job["metadata"]["name"] for job in jobs_of(k8s, victim)] == [before["documents"][0]["name"]]
+    after = await status_of(poison, victim)
+    assert after == before, "the owner's status, responses and lineage are untouched"
+    assert (await status_of(poison, f"seq-{forged}"))["state"] == "dead"
+    await good_message_goes_through(poison, k8s)
+
+
+# ==== 7. Errors of the HTTP parser are JSON and do not echo the input ============================
+
+MARK = b"ECHO1234"
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /" + b"x" * 9000 + MARK + b" HTTP/1.1\r\nHost: x\r\n\r\n",  # request line too long
+    b"GET /topics HTTP/1.1\r\nHost: x\r\nX-Long: " + MARK + b"y" * 9000 + b"\r\n\r\n",  # header too long
+    b"GET /topics HTTP/1.1\r\nHost: x\r\nX-Bad: a\x01" + MARK + b"\r\n\r\n",  # control byte in a value
+    b"GET /topics HTTP/1.1\r\nHost: x\r\nBad Name" + MARK + b": v\r\n\r\n",  # space in a header name
+    b"G<T /topics HTTP/1.1\r\nHost: x\r\n\r\n",  # bad method
+    b"GET /topics HTTP/9" + MARK + b"\r\nHost: x\r\n\r\n",  # bad version
+    b"POST /publish/hello HTTP/1.1\r\nHost: x\r\nContent-Length: 1" + MARK + b"\r\n\r\nx",  # bad length
+    b"POST /publish/hello HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxx",
+    b"POST /publish/hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ" + MARK + b"\r\nx\r\n0\r\n\r\n",
+    b"GET /topics HTTP/1.1\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(200)) + b"\r\n",  # too many
+])
+async def test_http_parser_errors_are_json_without_the_input(
+    poison: Stack, k8s: EmulatorHandle, request_bytes: bytes
+) -> None:
+    status, headers, body = await raw_http(poison.settings.bridge_port, request_bytes)
+    assert status in (400, 413, 431), (status, body[:200])
+    assert_json_error(status, headers, body, MARK)
+    await good_message_goes_through(poison, k8s)
