@@ -28,7 +28,7 @@ from prometheus_client import Counter, Histogram
 from gitfaas import natsconn, safejson
 from gitfaas.httperrors import JsonErrorsRunner, error_answer
 from gitfaas.logs import get_logger
-from gitfaas.message import request_headers, request_id_of
+from gitfaas.message import request_headers
 from gitfaas.metrics import json_error, metrics_view
 from gitfaas.publishing import (
     NO_CONFIGURATION,
@@ -39,7 +39,7 @@ from gitfaas.publishing import (
     too_large,
     wait_status,
 )
-from gitfaas.replay import ReplayError, replay_request
+from gitfaas.replay import ReplayError, replay_request, stored_message
 from gitfaas.settings import Settings
 from gitfaas.status import StatusStore, is_request_id, request_key_of_function, set_response
 from gitfaas.subjects import (
@@ -317,6 +317,10 @@ class Bridge:
             )
         except InvalidName as exc:
             return json_error(400, str(exc))
+        # nats-server counts the headers too, and closes the connection of a client that goes over.
+        if natsconn.wire_size(body, {**headers, "Nats-Expected-Stream": self.settings.stream}) > self.nc.max_payload:
+            return json_error(413, f"the message (body and headers) is larger than NATS accepts "
+                                   f"({self.nc.max_payload} bytes)")
 
         try:
             ack = await self.js.publish(self.subjects.topic(topic), body, headers=headers,
@@ -349,10 +353,10 @@ class Bridge:
         """A duplicate publish answers with the first request's id, read back from the stream."""
         assert self.js is not None
         try:
-            original = await self.js.get_msg(self.settings.stream, seq)
-        except NATS_UNAVAILABLE:
+            original = await stored_message(self.js, self.settings.stream, seq)
+        except (*NATS_UNAVAILABLE, ReplayError):
             return None
-        return request_id_of(original.headers, seq)[0]  # as the consumer sees it: its own if valid, else seq-<n>
+        return original.request_id  # as the consumer sees it: its own if valid, else seq-<n>
 
     async def _status_document(self, request_id: str) -> dict[str, Any] | web.Response:
         """The request's status document, or the error response that says why there is none."""

@@ -68,8 +68,10 @@ def end_to_end_seconds(inbound: Inbound) -> float | None:
 
 def dead_letter_headers(original: dict[str, str] | None) -> dict[str, str]:
     """The original's headers a dead letter keeps: all but `Nats-*`, which would steer JetStream when the
-    letter is stored (`Nats-Expected-Stream` would refuse it, `Nats-Msg-Id` could drop it as a duplicate)."""
-    return {k: v for k, v in (original or {}).items() if not k.lower().startswith("nats-")}
+    letter is stored (`Nats-Expected-Stream` would refuse it, `Nats-Msg-Id` could drop it as a duplicate),
+    and names a client may not send (another client may have: they would stop the letter being sent)."""
+    return {k: v for k, v in (original or {}).items()
+            if not k.lower().startswith("nats-") and natsconn.HEADER_NAME.fullmatch(k)}
 
 
 def identity_of(msg: Msg, request_id: str) -> str:
@@ -404,20 +406,23 @@ class Consumer:
         assert self.js is not None
         ours = {
             HEADER_REQUEST_ID: inbound.request_id,
-            HEADER_ERROR: " ".join(reason.split())[:1000],
+            HEADER_ERROR: " ".join(reason.split())[:1000].encode(errors="replace").decode(),
             HEADER_STREAM_SEQ: str(msg.metadata.sequence.stream),
             HEADER_ATTEMPTS: str(msg.metadata.num_delivered),
         }
         subject = self.subjects.dead(topic)
+        data = msg.data or b""
+        headers = {**dead_letter_headers(msg.headers), **ours}
+        # js.publish adds the stream it expects as a header of its own.
+        expected = {"Nats-Expected-Stream": self.settings.dead_stream}
+        assert self.nc is not None
+        if natsconn.wire_size(data, {**headers, **expected}) > self.nc.max_payload:
+            # The original and our headers do not fit in one message (the server would close the
+            # connection): keep the reason, leave the body and its headers in the stream, where
+            # `gitfaas dead redrive` reads them back.
+            data, headers = b"", {**ours, HEADER_BODY_OMITTED: str(len(msg.data or b""))}
         try:
-            try:
-                await self.js.publish(subject, msg.data or b"", headers={**dead_letter_headers(msg.headers), **ours},
-                                      stream=self.settings.dead_stream)
-            except nats.errors.MaxPayloadError:
-                # The original and our headers do not fit in one message: keep the reason, leave the body
-                # (and its headers) in the stream, where `gitfaas dead redrive` reads it back.
-                ours[HEADER_BODY_OMITTED] = str(len(msg.data or b""))
-                await self.js.publish(subject, b"", headers=ours, stream=self.settings.dead_stream)
+            await self.js.publish(subject, data, headers=headers, stream=self.settings.dead_stream)
         except Exception as exc:  # noqa: BLE001 — without a dead letter, keep the message
             log.error("dead letter not stored, message kept for redelivery", error=str(exc) or type(exc).__name__)
             await _settle(msg.nak(delay=MAX_NAK_DELAY_SECONDS))

@@ -88,7 +88,7 @@ def derived_request_id(seq: int) -> str:
 def request_id_of(headers: Mapping[str, str] | None, seq: int) -> tuple[str, str | None]:
     """The request id a stored message has, and why its own header was refused (if it was)."""
     given = (headers or {}).get(HEADER_REQUEST_ID)
-    if given is None:
+    if not given:  # absent or empty: not given
         return derived_request_id(seq), None
     try:
         return check_given_request_id(given, HEADER_REQUEST_ID), None

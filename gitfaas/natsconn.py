@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import re
 import ssl
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -40,6 +42,22 @@ log = get_logger(__name__)
 
 STREAM_NAME_IN_USE = 10058  # JetStream: "stream name already in use with a different configuration"
 JS_ACK_PREFIX = "$JS.ACK."  # the reply subject of every message JetStream delivers from a stream
+
+
+# A header name NATS clients accept to send (nats-py refuses any other); one parsed from the wire may not be.
+HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def wire_size(data: bytes, headers: Mapping[str, str] | None = None) -> int:
+    """What nats-server counts against its `max_payload`: the body and the header block.
+
+    (nats-py checks the body alone; a message whose headers take it over the limit makes the server
+    close the connection.)"""
+    if not headers:
+        return len(data)
+    block = len(b"NATS/1.0\r\n\r\n") + sum(len(k.encode()) + len(v.encode(errors="replace")) + 4
+                                          for k, v in headers.items())
+    return len(data) + block
 
 
 def is_stored_message(msg: Any) -> bool:

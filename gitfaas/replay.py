@@ -7,6 +7,7 @@ Used by the bridge (`POST /requests/{id}/replay`) and the command line (`gitfaas
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RawStreamMsg
 from nats.js.errors import NotFoundError
 
 from gitfaas.message import derived_request_id, request_id_of
@@ -101,13 +102,31 @@ async def republish(js: JetStreamContext, settings: Settings, original: StoredMe
     return Republished(request_id=new_id, topic=topic, stream_seq=ack.seq, parent=parent)
 
 
+def headers_of(raw: RawStreamMsg) -> dict[str, str]:
+    """A stored message's headers as text, parsed from the raw block as the consumer receives them.
+
+    (nats-py's `get_msg` parses them as e-mail headers: a value that is not ASCII comes back as an
+    `email.header.Header` object whose text is mangled.)
+    """
+    if not raw.hdrs:
+        return {}
+    block = base64.b64decode(raw.hdrs)
+    headers: dict[str, str] = {}
+    for line in block.split(b"\r\n")[1:]:  # the first line is NATS/1.0 (and a status, if any)
+        name, colon, value = line.partition(b":")
+        key = name.strip().decode("ascii", errors="replace")
+        if colon and key and not any(c.isspace() for c in key):
+            headers[key] = value.strip().decode("utf-8", errors="replace")
+    return headers
+
+
 async def stored_message(js: JetStreamContext, stream: str, seq: int) -> StoredMessage:
     try:
         raw = await js.get_msg(stream, seq)
     except NotFoundError:
         raise ReplayError(f"message {seq} is no longer in stream {stream}") from None
-    return StoredMessage(seq=seq, subject=raw.subject or "", data=raw.data or b"",
-                         headers=dict(raw.headers or {}), time=raw.time)
+    return StoredMessage(seq=seq, subject=raw.subject or "", data=raw.data or b"", headers=headers_of(raw),
+                         time=raw.time)
 
 
 async def replay_request(js: JetStreamContext, store: StatusStore, settings: Settings,
@@ -137,8 +156,8 @@ async def iterate(js: JetStreamContext, stream: str, subject: str, *, since: dat
             return
         if raw.seq is None or raw.seq > last:
             return
-        yield StoredMessage(seq=raw.seq, subject=raw.subject or "", data=raw.data or b"",
-                            headers=dict(raw.headers or {}), time=raw.time)
+        yield StoredMessage(seq=raw.seq, subject=raw.subject or "", data=raw.data or b"", headers=headers_of(raw),
+                            time=raw.time)
         seq = raw.seq + 1
 
 

@@ -32,7 +32,7 @@ import secrets
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -142,10 +142,11 @@ class Fault:
     retry_after: int | None = None
     delay: float = 0.0  # seconds the (simulated) server hangs before answering: a client timeout
     path: str | None = None  # a regex the URL path must match in full: any request, discovery included
-    every: int = 1  # fail one in `every` matching requests (2: half of them), let the others through
+    every: int = 1  # fail one in `every` matching requests, the first included (2: every other one)
     until: float | None = None  # the event loop's time after which the fault matches nothing
     hits: int = 0  # requests failed
     passed: int = 0  # matching requests let through (`every` > 1)
+    failed: list[str] = field(default_factory=list)  # "METHOD /path" of each failed request (the first 1000)
 
     def matches(self, request: kmock.Request) -> bool:
         if self.until is not None and asyncio.get_running_loop().time() > self.until:
@@ -235,10 +236,12 @@ class Emulator(kmock.KubernetesEmulator, _DirectDispatch):
     def _take_fault(self, request: kmock.Request) -> Fault | None:
         for fault in self.faults:
             if fault.matches(request):
-                if (fault.hits + fault.passed) % fault.every != fault.every - 1:
+                if (fault.hits + fault.passed) % fault.every:
                     fault.passed += 1
                     return None
                 fault.hits += 1
+                if len(fault.failed) < 1000:
+                    fault.failed.append(f"{str(request.method.value).upper()} {request.url.path}")
                 if fault.count is not None:
                     fault.count -= 1
                     if fault.count <= 0:

@@ -15,15 +15,18 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import nats
 import pytest
 
 from cli.operator import dead, replay
+from gitfaas import natsconn
 from gitfaas.embedded import EmbeddedNats
-from gitfaas.replay import DeadLetter, dead_letters
+from gitfaas.replay import DeadLetter, dead_letters, redrive
 from tests.conftest import GitRepo, Stack, config_json, job_manifest, make_settings, running_stack, wait_for
 from tests.emulator import EmulatorHandle
 from tests.test_core_loop import env_of
+from tests.test_delivery import assert_exactly_once, publish_many
 
 GOOD_WITHIN_SECONDS = 5.0
 
@@ -307,3 +310,277 @@ async def test_http_parser_errors_are_json_without_the_input(
     assert status in (400, 413, 431), (status, body[:200])
     assert_json_error(status, headers, body, MARK)
     await good_message_goes_through(poison, k8s)
+
+
+# ==== Every header value gitfaas reads is checked where it enters ================================
+
+@pytest.mark.parametrize(("headers", "named"), [
+    ({"Gitfaas-Request-Id": "r" * 129}, "Gitfaas-Request-Id"),
+    ({"Gitfaas-Request-Id": "a.b"}, "Gitfaas-Request-Id"),  # would add a token to the status key's subject
+    ({"Gitfaas-Request-Id": "a*"}, "Gitfaas-Request-Id"),  # a wildcard
+    ({"Gitfaas-Request-Id": "-a"}, "Gitfaas-Request-Id"),
+    ({"Gitfaas-Request-Id": "é"}, "Gitfaas-Request-Id"),
+    ({"Gitfaas-Request-Id": "seq-1"}, "Gitfaas-Request-Id"),  # reserved: would pre-empt message 1's id
+    ({"Gitfaas-Parent": "p" * 5000}, "Gitfaas-Parent"),  # the parent's status key
+    ({"Gitfaas-Parent": "a/b"}, "Gitfaas-Parent"),
+    ({"Gitfaas-Retry": "9" * 5000}, "Gitfaas-Retry"),  # int() refuses over 4300 digits
+    ({"Gitfaas-Retry": "²"}, "Gitfaas-Retry"),  # str.isdigit() says yes, int() says no
+    ({"Gitfaas-Retry": "-1"}, "Gitfaas-Retry"),
+])
+async def test_a_header_that_is_not_valid_is_refused_naming_it(
+    poison: Stack, k8s: EmulatorHandle, headers: dict[str, str], named: str
+) -> None:
+    seq = await raw_publish(poison, "hello", b"x", headers)
+    letter = await dead_letter_of(poison, seq)
+    assert named in letter.error and letter.attempts == "1", letter.error
+    assert letter.request_id == f"seq-{seq}"
+    assert not any(value in letter.error for value in headers.values()), "the refused value is not quoted"
+    assert not [job for job in k8s.jobs() if env_of(job)["MESSAGE"] == "eA=="], "nothing of it was applied"
+    await wait_for(lambda: _state_is(poison, f"seq-{seq}", "dead"), message="its status to say dead")
+    await good_message_goes_through(poison, k8s)
+
+
+async def test_headers_gitfaas_only_reports_on_never_stop_a_message(poison: Stack, k8s: EmulatorHandle) -> None:
+    """A `Gitfaas-Published-At` that is not a time only feeds a metric: ignored, the message is applied."""
+    ids = []
+    for stamp in ("nan", "inf", "-1", "1e999", "x" * 5000, ""):
+        request_id = str(uuid.uuid4())
+        ids.append(request_id)
+        await raw_publish(poison, "hello", b"x", {"Gitfaas-Request-Id": request_id, "Gitfaas-Published-At": stamp})
+    await wait_for(lambda: all(jobs_of(k8s, i) for i in ids), timeout=GOOD_WITHIN_SECONDS, message="their Jobs")
+    assert not await all_dead_letters(poison)
+
+
+async def test_jetstream_headers_of_a_message_cannot_stop_its_dead_letter(poison: Stack, k8s: EmulatorHandle) -> None:
+    """The dead letter keeps the original's headers, but not `Nats-*` ones: stored again, those would steer
+    JetStream (an expected last sequence true of GITFAAS is false of GITFAAS_DEAD: the letter is refused)."""
+    await good_message_goes_through(poison, k8s)  # GITFAAS holds one message, GITFAAS_DEAD none
+    seq = await raw_publish(poison, "fields", b"not json", {
+        "Gitfaas-Request-Id": str(uuid.uuid4()), "Nats-Expected-Last-Sequence": "1",
+        "Nats-Expected-Last-Subject-Sequence": "0", "X-Kept": "yes"})
+    letter = await dead_letter_of(poison, seq)
+    assert "body.x" in letter.error and letter.headers["X-Kept"] == "yes"
+    assert not [k for k in letter.headers if k.startswith("Nats-Expected-Last")]
+    await good_message_goes_through(poison, k8s)
+
+
+async def test_a_message_too_large_to_copy_is_still_dead_lettered_and_redriven(
+    poison: Stack, k8s: EmulatorHandle
+) -> None:
+    """At NATS's size limit the original and the dead letter's own headers do not fit in one message: the
+    letter keeps the reason and leaves the body in the stream, where a redrive reads it back."""
+    nc = await nats.connect(poison.settings.nats_url)
+    try:
+        js = nc.jetstream()
+        padding = "p" * 2000  # kept by the dead letter, dropped by a redrive (it is not a parameter)
+        request_id = str(uuid.uuid4())
+        header_block = f"NATS/1.0\r\nGitfaas-Request-Id: {request_id}\r\nX-Padding: {padding}\r\n\r\n"
+        body = b"z" * (nc.max_payload - len(header_block))
+        ack = await js.publish("gitfaas.topics.fields", body,
+                               headers={"Gitfaas-Request-Id": request_id, "X-Padding": padding})
+        letter = await dead_letter_of(poison, ack.seq)
+        assert "body.x" in letter.error and letter.headers.get("Gitfaas-Body-Omitted") == str(len(body))
+        assert letter.request_id == request_id and letter.data == b""
+        await wait_for(lambda: _state_is(poison, request_id, "dead"), message="its status to say dead")
+        again = await redrive(js, poison.settings, letter.seq)
+        assert again.parent == request_id
+        assert (await js.get_msg("GITFAAS", again.stream_seq)).data == body
+    finally:
+        await nc.close()
+    await good_message_goes_through(poison, k8s)
+
+
+# ==== The bridge's routes refuse ids and values that cannot be, in JSON, without quoting them ====
+
+LONG = "r" * 3000 + MARK.decode()
+
+
+@pytest.mark.parametrize(("request_line", "extra", "status"), [
+    (f"GET /requests/{LONG}", "", 400),
+    ("GET /requests/a.b" + MARK.decode(), "", 400),
+    ("GET /requests/%00" + MARK.decode(), "", 400),
+    (f"GET /response/{LONG}", "", 400),
+    (f"POST /requests/{LONG}/replay", "", 400),
+    (f"POST /response/{LONG}", "", 404),
+    ("POST /response/r.0.x" + MARK.decode(), "", 404),
+    (f"POST /publish/hello?parent={LONG}", "", 400),
+    ("POST /publish/hello?parent=a%0D%0ANats-Msg-Id:" + MARK.decode(), "", 400),
+    (f"POST /publish/hello?wait={MARK.decode()}", "", 400),
+    (f"POST /publish/hello?timeout={MARK.decode()}", "", 400),
+    (f"POST /publish/hello?{MARK.decode()}%20x=1", "", 400),  # a parameter name that cannot be
+    (f"POST /publish/{'t' * 300}{MARK.decode()}", "", 400),
+    (f"POST /publish/bad*{MARK.decode()}", "", 400),
+    ("POST /publish/hello", f"Gitfaas-Parent: {LONG}\r\n", 400),
+    ("POST /publish/hello", "Gitfaas-Parent: caf\xe9" + MARK.decode() + "\r\n", 400),
+    ("POST /publish/hello", "Content-Type: text/caf\xe9" + MARK.decode() + "\r\n", 400),
+    ("POST /publish/hello", f"Content-Type: text/{'c' * 300}{MARK.decode()}\r\n", 400),
+])
+async def test_bridge_routes_refuse_what_cannot_be_an_id_or_header(
+    poison: Stack, k8s: EmulatorHandle, request_line: str, extra: str, status: int
+) -> None:
+    raw = f"{request_line} HTTP/1.1\r\nHost: x\r\n{extra}Content-Length: 1\r\n\r\nx".encode("latin-1")
+    code, headers, body = await raw_http(poison.settings.bridge_port, raw)
+    assert code == status, (code, body[:300])
+    assert_json_error(code, headers, body, MARK)
+    await good_message_goes_through(poison, k8s)
+
+
+DEEP_UTF16 = ('{"x": "\u2200", "y": ' + "[" * 3000 + "]" * 3000 + "}").encode("utf-16")
+
+
+async def test_deep_json_in_utf16_is_refused_on_both_sides(poison: Stack, k8s: EmulatorHandle) -> None:
+    """json.loads reads UTF-16 too, where a '"' byte can be half of another character ('∀' is 0x2200)."""
+    response = await poison.publish("fields", DEEP_UTF16, headers={"Content-Type": "application/json"})
+    assert response.status == 400 and "nested" in (await response.json())["error"]
+    seq = await raw_publish(poison, "fields", DEEP_UTF16, {"Gitfaas-Request-Id": str(uuid.uuid4())})
+    letter = await dead_letter_of(poison, seq, timeout=GOOD_WITHIN_SECONDS)
+    assert letter.attempts == "1" and "nested" in letter.error, letter.error
+    await good_message_goes_through(poison, k8s)
+
+
+# ==== A connection NATS closes is made again; readiness and liveness say how it is ===============
+
+async def _get(url: str) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as http, http.get(url) as response:
+        return response.status, await response.json()
+
+
+async def test_a_closed_nats_connection_is_made_again_and_health_says_so_meanwhile(
+    nats_server: EmbeddedNats, k8s: EmulatorHandle, poison_repo: GitRepo, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(nats_server, k8s, poison_repo.path, tmp_path, nats_unhealthy_seconds=1)
+    async with running_stack(settings) as stack:
+        consumer, bridge_ = stack.consumers[0], stack.bridge
+        health = f"http://127.0.0.1:{consumer.http_port}"
+        opened = asyncio.Event()  # new connections wait for it: the outage lasts until the test says
+        real_connect = natsconn.connect
+
+        async def held_connect(*args: Any, **kwargs: Any) -> Any:
+            await opened.wait()
+            return await real_connect(*args, **kwargs)
+
+        monkeypatch.setattr(natsconn, "connect", held_connect)
+        # What nats-py does after a protocol error (e.g. "maximum control line exceeded"): it closes the
+        # connection for good instead of reconnecting.
+        await consumer.nc.close()
+        await bridge_.nc.close()
+        assert (await _get(f"{health}/readyz"))[1]["nats"] == "closed"
+        assert (await _get(f"{stack.bridge_url}/readyz"))[0] == 503
+        response = await stack.publish("hello", "while closed")
+        assert response.status == 503 and "error" in await response.json()
+        code, answer = await wait_for(lambda: _unhealthy(f"{health}/healthz"), timeout=10,
+                                      message="consumer /healthz to fail")
+        assert code == 503 and "NATS" in answer["error"]
+
+        opened.set()
+        await wait_for(lambda: consumer.ready()[0] and bridge_.nc.is_connected, timeout=10,
+                       message="both connections made again")
+        assert consumer.reconnects == 1 and bridge_.reconnects == 1
+        assert (await _get(f"{health}/healthz"))[0] == 200
+        assert (await _get(f"{stack.bridge_url}/readyz"))[0] == 200
+        await good_message_goes_through(stack, k8s)
+
+
+async def _unhealthy(url: str) -> tuple[int, dict[str, Any]] | None:
+    code, answer = await _get(url)
+    return (code, answer) if code != 200 else None
+
+
+async def test_liveness_fails_while_nats_is_unreachable_and_recovers_with_it(
+    nats_server: EmbeddedNats, k8s: EmulatorHandle, poison_repo: GitRepo, tmp_path: Path
+) -> None:
+    settings = make_settings(nats_server, k8s, poison_repo.path, tmp_path, nats_unhealthy_seconds=1)
+    async with running_stack(settings) as stack:
+        health = f"http://127.0.0.1:{stack.consumers[0].http_port}"
+        assert (await _get(f"{health}/healthz"))[0] == 200
+        await nats_server.stop()
+        code, answer = await wait_for(lambda: _unhealthy(f"{health}/healthz"), timeout=15,
+                                      message="consumer /healthz to fail")
+        assert code == 503 and answer["nats_down_seconds"] >= 1
+        code, ready = await _get(f"{health}/readyz")
+        assert code == 503 and ready["nats"] != "connected"
+        await nats_server.start()
+        await wait_for(lambda: stack.consumers[0].ready()[0] and stack.bridge.nc.is_connected, timeout=20,
+                       message="reconnected")
+        assert (await _get(f"{health}/healthz"))[0] == 200
+        await good_message_goes_through(stack, k8s)
+
+
+# ==== An API server failing half of all requests for 10 s during a burst ========================
+
+async def test_half_of_all_api_requests_failing_for_ten_seconds_loses_and_doubles_nothing(
+    nats_server: EmbeddedNats, k8s: EmulatorHandle, poison_repo: GitRepo, tmp_path: Path
+) -> None:
+    settings = make_settings(nats_server, k8s, poison_repo.path, tmp_path)
+    async with running_stack(settings) as stack:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        # Every other request fails, whatever it is: discovery, lists, watches, applies.
+        fault = k8s.emulator.fail_next(500, count=None, method=None, path=".*", every=2, duration=10)
+        ids = await publish_many(stack.settings.nats_url, "hello", 200)
+        published = loop.time() - started
+        await wait_for(lambda: len(k8s.jobs()) >= len(ids), timeout=120, interval=0.2,
+                       message="a Job for every message")
+        finished = loop.time() - started
+        assert published < 10, "the burst happened during the fault"
+        assert fault.hits >= 50 and abs(fault.hits - fault.passed) <= 1, (fault.hits, fault.passed)
+        assert any(f.startswith("GET /apis") for f in fault.failed), "discovery failed too"
+        assert any(f.startswith("PATCH") for f in fault.failed)
+        assert_exactly_once(k8s, ids)
+        assert not await all_dead_letters(stack)
+        states = [await status_of(stack, i) for i in ids]
+        assert all(s is not None and s["state"] == "applied" for s in states)
+        retried = sum(1 for s in states if s["attempts"] > 1)
+        assert retried >= 50, f"only {retried} messages met the fault"
+        print(f"\n200 messages, {fault.hits} API requests failed, {retried} messages retried, "
+              f"all applied once after {finished:.1f}s")
+
+
+# ==== What other NATS clients can send, that nats-py would not ===================================
+
+async def hpub(stack: Stack, subject: str, header_block: bytes, body: bytes) -> int:
+    """Publish through the bare protocol: headers exactly as given (any client library may differ).
+    Returns the message's stream sequence."""
+    host, port = stack.settings.nats_url.removeprefix("nats://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        await reader.readline()  # INFO
+        writer.write(b'CONNECT {"verbose":false,"pedantic":false,"headers":true,"protocol":1}\r\n')
+        writer.write(b"HPUB %s %d %d\r\n%s%s\r\nPING\r\n" % (
+            subject.encode(), len(header_block), len(header_block) + len(body), header_block, body))
+        await writer.drain()
+        assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"PONG")
+    finally:
+        writer.close()
+    nc = await nats.connect(stack.settings.nats_url)
+    try:
+        return (await nc.jetstream().stream_info("GITFAAS")).state.last_seq
+    finally:
+        await nc.close()
+
+
+async def test_header_names_and_bytes_nats_py_would_not_send_cannot_stop_a_dead_letter(
+    poison: Stack, k8s: EmulatorHandle
+) -> None:
+    request_id = str(uuid.uuid4())
+    block = (f"NATS/1.0\r\nGitfaas-Request-Id: {request_id}\r\nX(odd)@name: v\r\nX-Bytes: \xff\xfe\r\n\r\n"
+             ).encode("latin-1")
+    seq = await hpub(poison, "gitfaas.topics.fields", block, b"not json")
+    letter = await dead_letter_of(poison, seq)
+    assert letter.request_id == request_id and "body.x" in letter.error
+    assert "X(odd)@name" not in letter.headers and letter.headers["X-Bytes"] == "\ufffd\ufffd"
+    await good_message_goes_through(poison, k8s)
+
+
+async def test_the_bridge_refuses_what_nats_would_close_the_connection_for(
+    nats_server: EmbeddedNats, k8s: EmulatorHandle, poison_repo: GitRepo, tmp_path: Path
+) -> None:
+    """With MAX_PAYLOAD_BYTES raised to NATS's own limit, body and headers together can exceed it."""
+    settings = make_settings(nats_server, k8s, poison_repo.path, tmp_path, max_payload_bytes=1024 * 1024)
+    async with running_stack(settings) as stack:
+        limit = stack.bridge.nc.max_payload
+        response = await stack.publish("hello", b"x" * (limit - 10))
+        assert response.status == 413 and "NATS" in (await response.json())["error"]
+        assert stack.bridge.nc.is_connected and stack.bridge.reconnects == 0
+        await good_message_goes_through(stack, k8s)

@@ -111,8 +111,8 @@ class KubernetesExecutor:
             raise await self._why_unknown(api_version, kind) from None
         except DynamicApiError as exc:
             raise TransientError(f"API discovery of {api_version} failed: HTTP {exc.status}") from None
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise TransientError(f"API discovery failed: {type(exc).__name__}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 — e.g. an error document where a list was expected
+            raise TransientError(f"API discovery failed: {type(exc).__name__}: {str(exc)[:200]}") from None
 
     async def _why_unknown(self, api_version: str, kind: str) -> HandlingError:
         assert self._dynamic is not None
