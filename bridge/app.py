@@ -41,7 +41,7 @@ from gitfaas.publishing import (
 )
 from gitfaas.replay import ReplayError, replay_request, stored_message
 from gitfaas.settings import Settings
-from gitfaas.status import StatusStore, is_request_id, request_key_of_function, set_response
+from gitfaas.status import StatusStore, StatusTooLarge, is_request_id, request_key_of_function, set_response
 from gitfaas.subjects import (
     CONFIG_KEY,
     HEADER_PARENT,
@@ -128,7 +128,7 @@ class Bridge:
             await nc.close()
             raise
         self.nc, self.js = nc, js
-        self.status = StatusStore(requests_kv)
+        self.status = StatusStore(requests_kv, max_bytes=nc.max_payload)
         self._start_watch()
 
     async def _on_closed(self) -> None:
@@ -412,6 +412,9 @@ class Bridge:
                 document = await self.status.update(key, lambda d: stored.append(set_response(d, function_uid, value)))
         except NATS_UNAVAILABLE:
             return json_error(503, "the status store is unavailable")
+        except StatusTooLarge:
+            return json_error(413, "the request's status cannot hold this response: with it, the document "
+                                   "would be larger than NATS accepts")
         if document is None or not any(stored):
             shown = f" {function_uid}" if key is not None else ""  # quoted only once it has the right form
             return json_error(404, f"function uid{shown} is unknown (or its request has expired)")

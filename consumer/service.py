@@ -134,7 +134,7 @@ class Consumer:
             await nc.close()
             raise
         self.nc, self.js = nc, js
-        self.tracker.store = StatusStore(requests_kv)
+        self.tracker.store = StatusStore(requests_kv, max_bytes=nc.max_payload)
         self._nats_lost_at = None
 
     async def _serve_nats(self) -> None:

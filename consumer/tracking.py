@@ -19,6 +19,7 @@ from gitfaas.status import Claim, StatusStore, merge_documents, new_status, reco
 log = get_logger("gitfaas.consumer")
 
 
+MAX_CHILDREN = 1000  # children listed in a request's status document; more are only counted
 RetriesOf = Callable[[str], int]  # topic -> its `retries` in the configuration in use
 Retry = Callable[[dict[str, Any]], Awaitable[None]]  # re-run the request of this status document
 
@@ -70,8 +71,13 @@ class RequestTracker:
                 summarize(document)
 
         def adopt(document: dict[str, Any]) -> None:
-            if request_id not in document.setdefault("children", []):
-                document["children"].append(request_id)
+            children = document.setdefault("children", [])
+            if request_id in children:
+                return
+            if len(children) < MAX_CHILDREN:
+                children.append(request_id)
+            else:  # anyone may name a parent: a document that grows without end would stop being written
+                document["children_omitted"] = int(document.get("children_omitted") or 0) + 1
 
         try:
             await self.store.update(request_id, change,

@@ -25,6 +25,12 @@ from nats.js.kv import KeyValue
 from gitfaas.subjects import InvalidName, check_request_id
 
 STATES = ("pending", "applied", "running", "succeeded", "failed", "dead")
+KV_HEADER_ALLOWANCE = 256  # the headers a key-value write adds (its expected revision), with room to spare
+
+
+class StatusTooLarge(ValueError):
+    """The document would be larger than NATS accepts in one message (the server would close the
+    connection of a client that sent it): it is not written."""
 _UID_TOKEN = re.compile(r"[0-9]{1,6}")
 _UID_SECRET = re.compile(r"[a-z0-9]{1,64}")
 
@@ -95,8 +101,17 @@ def _wrong_last_sequence(exc: Exception) -> bool:
 
 
 class StatusStore:
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: KeyValue, max_bytes: int | None = None) -> None:
+        """`max_bytes`: the server's `max_payload`; a document that would not fit is refused (`StatusTooLarge`)."""
         self.kv = kv
+        self.max_bytes = max_bytes
+
+    def _encode(self, request_id: str, document: dict[str, Any]) -> bytes:
+        payload = json.dumps(document).encode()
+        if self.max_bytes and len(payload) + KV_HEADER_ALLOWANCE > self.max_bytes:
+            raise StatusTooLarge(f"the status of {request_id} would be {len(payload)} bytes, more than NATS accepts "
+                                 f"({self.max_bytes})")
+        return payload
 
     async def get(self, request_id: str) -> dict[str, Any] | None:
         if not is_request_id(request_id):
@@ -126,7 +141,7 @@ class StatusStore:
             if entry is None or not entry.value:
                 document = create()
                 try:
-                    revision = await self.kv.create(key, json.dumps(document).encode())
+                    revision = await self.kv.create(key, self._encode(request_id, document))
                 except Exception as exc:  # `create` of a key that appeared meanwhile
                     if _wrong_last_sequence(exc):
                         continue
@@ -140,7 +155,7 @@ class StatusStore:
                 return Claim(owner)
             document["stream_seq"] = stream_seq
             try:
-                revision = await self.kv.update(key, json.dumps(document).encode(), last=entry.revision)
+                revision = await self.kv.update(key, self._encode(request_id, document), last=entry.revision)
             except Exception as exc:
                 if _wrong_last_sequence(exc):
                     continue
@@ -210,7 +225,7 @@ class StatusStore:
                     return None
                 document = create()
             change(document)
-            payload = json.dumps(document).encode()
+            payload = self._encode(request_id, document)
             try:
                 if revision is None:
                     await self.kv.create(key, payload)

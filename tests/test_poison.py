@@ -20,6 +20,7 @@ import nats
 import pytest
 
 from cli.operator import dead, replay
+from consumer import tracking
 from gitfaas import natsconn
 from gitfaas.embedded import EmbeddedNats
 from gitfaas.replay import DeadLetter, dead_letters, redrive
@@ -35,6 +36,8 @@ FIELDS = job_manifest("fields").replace(
     "            - name: FIELD\n              value: \"{{body.x}}\"\n            - name: NATS_URL\n")
 WIDGET = "apiVersion: example.com/v1\nkind: Widget\nmetadata:\n  name: widget-{{RANDOM}}\nspec: {}\n"
 NO_SUCH_KIND = job_manifest("nokind").replace("kind: Job", "kind: NoSuchKind")
+MANY = {f"many{i}.yaml": f"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: many{i}-{{{{RANDOM}}}}\ndata:\n  a: b\n"
+        for i in range(20)}
 
 
 @pytest.fixture
@@ -42,11 +45,12 @@ def poison_repo(tmp_path: Path) -> GitRepo:
     repo = GitRepo(tmp_path / "repo")
     repo.commit({
         "config.json": config_json({"hello": ["hello.yaml"], "fields": ["fields.yaml"], "widget": ["widget.yaml"],
-                                    "nokind": ["nokind.yaml"]}),
+                                    "nokind": ["nokind.yaml"], "many": sorted(MANY)}),
         "hello.yaml": job_manifest("hello"),
         "fields.yaml": FIELDS,
         "widget.yaml": WIDGET,
         "nokind.yaml": NO_SUCH_KIND,
+        **MANY,
     }, "poison targets")
     return repo
 
@@ -584,3 +588,46 @@ async def test_the_bridge_refuses_what_nats_would_close_the_connection_for(
         assert response.status == 413 and "NATS" in (await response.json())["error"]
         assert stack.bridge.nc.is_connected and stack.bridge.reconnects == 0
         await good_message_goes_through(stack, k8s)
+
+
+# ==== Nothing a message or a function sends can grow one status document without end ============
+
+async def test_responses_that_would_outgrow_the_status_document_are_refused(poison: Stack, k8s: EmulatorHandle) -> None:
+    """A status document is one NATS message: a write that would not fit is refused (413), instead of
+    being sent and having the server close the bridge's connection."""
+    response = await poison.publish("many", "x")
+    request_id = (await response.json())["request_id"]
+    await wait_for(lambda: _state_is(poison, request_id, "applied"), message="the request applied")
+    uids = [d["function_uid"] for d in (await status_of(poison, request_id))["documents"]]
+    codes = []
+    for uid in uids:
+        async with poison.http.post(f"{poison.bridge_url}/response/{uid}", data="r" * 65000,
+                                    headers={"Content-Type": "text/plain"}) as answer:
+            codes.append(answer.status)
+            if answer.status != 200:
+                assert "NATS" in (await answer.json())["error"]
+    assert codes[:10] == [200] * 10 and 413 in codes, codes
+    assert poison.bridge.nc.is_connected and poison.bridge.reconnects == 0
+    code, stored = await poison.get_json(f"/response/{request_id}")
+    assert code == 200 and stored["responses"][0] == "r" * 65000
+    await good_message_goes_through(poison, k8s)
+
+
+async def test_a_request_lists_a_bounded_number_of_children(
+    poison: Stack, k8s: EmulatorHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anyone may name a request as parent; past MAX_CHILDREN the children are only counted."""
+    monkeypatch.setattr(tracking, "MAX_CHILDREN", 3)
+    response = await poison.publish("hello", "parent")
+    parent = (await response.json())["request_id"]
+    await wait_for(lambda: _state_is(poison, parent, "applied"), message="the parent applied")
+    children = [str(uuid.uuid4()) for _ in range(5)]
+    for child in children:
+        await raw_publish(poison, "hello", b"child", {"Gitfaas-Request-Id": child, "Gitfaas-Parent": parent})
+    await wait_for(lambda: all(jobs_of(k8s, c) for c in children), message="the children's Jobs")
+
+    async def counted() -> dict[str, Any] | None:
+        document = await status_of(poison, parent)
+        return document if document and document.get("children_omitted") == 2 else None
+    document = await wait_for(counted, message="the parent to count the children it does not list")
+    assert len(document["children"]) == 3 and set(document["children"]) <= set(children)
