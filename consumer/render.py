@@ -220,16 +220,27 @@ _Compiled = tuple[bool, Any]
 
 
 class _Compiler:
-    """Turns one file's composed nodes into builders; shared across its documents (aliases, memo)."""
+    """Turns one file's composed nodes into builders, one document after the other.
+
+    Nodes are remembered by identity, and every table keyed by `id(node)` also holds the node itself:
+    an id is only unique among live objects, so once a node is freed a node of a later document may
+    get its id. (A memo of bare ids, kept for the whole file, once handed later documents results
+    compiled for freed nodes: another document's name, subtree or variable.) The memo lasts one
+    document: YAML anchors do not cross `---`, so no node can be shared between documents.
+    """
 
     def __init__(self, source: str, sentinel: re.Pattern[str], names: list[str]) -> None:
         self.source = source
         self.sentinel = sentinel
         self.names = names
-        self.seen: set[int] = set()  # sentinel indexes found in scalars
-        self._memo: dict[int, _Compiled] = {}
-        self._active: set[int] = set()  # nodes being compiled / flattened: guards against recursion
-        self._merging: set[int] = set()
+        self.seen: set[int] = set()  # sentinel indexes found in scalars (not object ids)
+        self._memo: dict[int, tuple[yaml.Node, _Compiled]] = {}  # aliases: one compiled builder per node
+        self._active: dict[int, yaml.Node] = {}  # nodes being compiled / flattened: guards against recursion
+        self._merging: dict[int, yaml.Node] = {}
+
+    def start_document(self) -> None:
+        """Forget the previous document's nodes (and let them be freed)."""
+        self._memo.clear()
 
     def restore(self, text: str) -> str:
         """Give messages the template's spelling back instead of sentinel words."""
@@ -242,13 +253,14 @@ class _Compiler:
 
     def node(self, node: yaml.Node) -> _Compiled:
         key = id(node)
-        if key in self._memo:
-            return self._memo[key]
-        if key in self._active:
+        known = self._memo.get(key)
+        if known is not None and known[0] is node:  # always the node itself while it is in the memo
+            return known[1]
+        if self._active.get(key) is node:
             raise self.error(node, "recursive alias: a node cannot contain itself")
         if self.sentinel.search(node.tag):
             raise self.error(node, "variables are not allowed in tags")
-        self._active.add(key)
+        self._active[key] = node
         try:
             if isinstance(node, yaml.MappingNode):
                 compiled: _Compiled = (True, self.mapping(node))
@@ -258,8 +270,8 @@ class _Compiler:
                 hole = self.hole(node)
                 compiled = (True, hole) if hole is not None else (False, self.static_scalar(node, key=False))
         finally:
-            self._active.discard(key)
-        self._memo[key] = compiled
+            del self._active[key]
+        self._memo[key] = (node, compiled)
         return compiled
 
     def hole(self, node: yaml.ScalarNode) -> _Hole | None:
@@ -294,9 +306,9 @@ class _Compiler:
         unique. Unlike SafeConstructor.flatten_mapping this leaves the (possibly shared) nodes alone.
         """
         key = id(node)
-        if key in self._merging:
+        if self._merging.get(key) is node:
             raise self.error(node, "recursive merge: a mapping cannot merge itself")
-        self._merging.add(key)
+        self._merging[key] = node
         try:
             merged: list[tuple[yaml.Node, yaml.Node, bool]] = []
             written: list[tuple[yaml.Node, yaml.Node, bool]] = []
@@ -311,7 +323,7 @@ class _Compiler:
                     merged.extend((k, v, False) for k, v, _ in self.flatten(merged_node))
             return merged + written
         finally:
-            self._merging.discard(key)
+            del self._merging[key]
 
     def mapping(self, node: yaml.MappingNode) -> _Mapping:
         if node.tag != _MAP:
@@ -438,6 +450,7 @@ def compile_manifest(text: str, source: str) -> list[CompiledDocument]:
     try:
         _check_limits(substituted, loader_class, compiler)
         for root in _compose_all(substituted, loader_class):
+            compiler.start_document()
             if _is_empty(root):
                 continue
             if not isinstance(root, yaml.MappingNode):
