@@ -133,11 +133,15 @@ class StatusStore:
         (a Job reported before its apply was recorded) is adopted.
         """
         key = status_key(request_id)
+        assume_new = True  # the usual case: one write, no read
         for _ in range(attempts):
-            try:
-                entry = await self.kv.get(key)
-            except (KeyNotFoundError, NotFoundError):
-                entry = None
+            if assume_new:
+                entry, assume_new = None, False
+            else:
+                try:
+                    entry = await self.kv.get(key)
+                except (KeyNotFoundError, NotFoundError):
+                    entry = None
             if entry is None or not entry.value:
                 document = create()
                 try:
