@@ -201,6 +201,22 @@ async def test_a_discovery_failure_is_retried_not_dead_lettered(
     assert not await all_dead_letters(poison)
 
 
+async def test_a_hung_discovery_request_times_out_and_is_retried(
+    nats_server: EmbeddedNats, k8s: EmulatorHandle, poison_repo: GitRepo, tmp_path: Path
+) -> None:
+    """Discovery requests have no timeout of their own: one the API server never answers must not hold
+    every message behind the discovery lock."""
+    settings = make_settings(nats_server, k8s, poison_repo.path, tmp_path, apply_timeout_seconds=1)
+    async with running_stack(settings) as stack:
+        fault = k8s.emulator.fail_next(504, count=1, method="GET", path="/apis/batch/v1", delay=30)
+        response = await stack.publish("hello", "while discovery hangs")
+        request_id = (await response.json())["request_id"]
+        await wait_for(lambda: jobs_of(k8s, request_id), timeout=10, message="the Job after the hung request")
+        assert fault.hits == 1
+        await wait_for(lambda: _state_is(stack, request_id, "applied"), message="its status to say applied")
+        await good_message_goes_through(stack, k8s)
+
+
 @pytest.mark.parametrize(("topic", "reason"), [("widget", "example.com/v1"), ("nokind", "NoSuchKind")])
 async def test_a_kind_the_api_server_does_not_have_goes_dead_at_once(
     poison: Stack, k8s: EmulatorHandle, topic: str, reason: str

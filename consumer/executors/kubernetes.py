@@ -104,7 +104,10 @@ class KubernetesExecutor:
         if not API_VERSION.fullmatch(api_version):
             raise PermanentError(f"apiVersion {api_version[:100]!r} is not valid")
         try:
-            return await self._dynamic.resources.get(api_version=api_version, kind=kind)
+            # Discovery requests carry no timeout of their own: a hung API server would hold the lock,
+            # and with it every message, for ever.
+            return await asyncio.wait_for(self._dynamic.resources.get(api_version=api_version, kind=kind),
+                                          self._settings.apply_timeout_seconds)
         except ResourceNotFoundError:
             # kubernetes_asyncio reads a failed discovery request (500, 503, a 404 too) as "no resources",
             # so "not found" may only mean the request failed: ask the API server ourselves.
