@@ -20,6 +20,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RawStreamMsg
 from nats.js.errors import NotFoundError
 
 from gitfaas.message import derived_request_id, request_id_of
+from gitfaas.natsconn import HEADER_NAME
 from gitfaas.settings import Settings
 from gitfaas.status import StatusStore, is_request_id
 from gitfaas.subjects import (
@@ -90,7 +91,7 @@ async def republish(js: JetStreamContext, settings: Settings, original: StoredMe
                     extra: dict[str, str] | None = None, parent: str | None = None) -> Republished:
     """`original` again as a new request; its parent is `parent`, else the original's request id."""
     headers = {k: v for k, v in original.headers.items()
-               if k.lower() in _KEPT or k.lower().startswith(_KEPT_PREFIXES)}
+               if (k.lower() in _KEPT or k.lower().startswith(_KEPT_PREFIXES)) and HEADER_NAME.fullmatch(k)}
     headers.update(extra or {})
     new_id = str(uuid.uuid4())
     parent = parent or original.request_id

@@ -647,3 +647,16 @@ async def test_a_request_lists_a_bounded_number_of_children(
         return document if document and document.get("children_omitted") == 2 else None
     document = await wait_for(counted, message="the parent to count the children it does not list")
     assert len(document["children"]) == 3 and set(document["children"]) <= set(children)
+
+
+async def test_a_message_with_header_names_nats_py_would_not_send_can_be_replayed(
+    poison: Stack, k8s: EmulatorHandle
+) -> None:
+    request_id = str(uuid.uuid4())
+    block = f"NATS/1.0\r\nGitfaas-Request-Id: {request_id}\r\nGitfaas-Param-a(b): 1\r\n\r\n".encode()
+    await hpub(poison, "gitfaas.topics.hello", block, b"x")
+    await wait_for(lambda: _state_is(poison, request_id, "applied"), message="it applied")
+    async with poison.http.post(f"{poison.bridge_url}/requests/{request_id}/replay") as answer:
+        assert answer.status == 202, await answer.text()
+        again = (await answer.json())["request_id"]
+    await wait_for(lambda: jobs_of(k8s, again), timeout=GOOD_WITHIN_SECONDS, message="the replay's Job")
