@@ -39,7 +39,7 @@ from gitfaas.publishing import (
     too_large,
     wait_status,
 )
-from gitfaas.replay import ReplayError, replay_request, stored_message
+from gitfaas.replay import ReplayError, ReplayTooLarge, replay_request, stored_message
 from gitfaas.settings import Settings
 from gitfaas.status import StatusStore, StatusTooLarge, is_request_id, request_key_of_function, set_response
 from gitfaas.subjects import (
@@ -384,6 +384,8 @@ class Bridge:
             return json_error(503, "NATS is unavailable")
         try:
             republished = await replay_request(self.js, self.status, self.settings, request_id)
+        except ReplayTooLarge as exc:
+            return json_error(413, str(exc))
         except ReplayError as exc:
             return json_error(404, str(exc))
         except NATS_UNAVAILABLE as exc:

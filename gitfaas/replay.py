@@ -20,7 +20,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RawStreamMsg
 from nats.js.errors import NotFoundError
 
 from gitfaas.message import derived_request_id, request_id_of
-from gitfaas.natsconn import HEADER_NAME
+from gitfaas.natsconn import HEADER_NAME, wire_size
 from gitfaas.settings import Settings
 from gitfaas.status import StatusStore, is_request_id
 from gitfaas.subjects import (
@@ -44,6 +44,10 @@ _KEPT = {HEADER_PARAM_ENCODING.lower(), HEADER_CONTENT_TYPE.lower()}
 
 class ReplayError(LookupError):
     """The original cannot be found (expired, purged, unknown); the message says which."""
+
+
+class ReplayTooLarge(ReplayError):
+    """Sent again with a replay's headers, the original would be larger than NATS accepts."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +92,12 @@ class DeadLetter:
 
 
 async def republish(js: JetStreamContext, settings: Settings, original: StoredMessage, topic: str,
-                    extra: dict[str, str] | None = None, parent: str | None = None) -> Republished:
-    """`original` again as a new request; its parent is `parent`, else the original's request id."""
+                    extra: dict[str, str] | None = None, parent: str | None = None,
+                    max_bytes: int | None = None) -> Republished:
+    """`original` again as a new request; its parent is `parent`, else the original's request id.
+
+    `max_bytes` (the server's `max_payload`): refuse with `ReplayTooLarge` what the server would close
+    the connection for."""
     headers = {k: v for k, v in original.headers.items()
                if (k.lower() in _KEPT or k.lower().startswith(_KEPT_PREFIXES)) and HEADER_NAME.fullmatch(k)}
     headers.update(extra or {})
@@ -98,6 +106,9 @@ async def republish(js: JetStreamContext, settings: Settings, original: StoredMe
     headers[HEADER_REQUEST_ID] = new_id
     headers[HEADER_PARENT] = parent
     headers[HEADER_PUBLISHED_AT] = f"{time.time():.6f}"
+    if max_bytes and wire_size(original.data, {**headers, "Nats-Expected-Stream": settings.stream}) > max_bytes:
+        raise ReplayTooLarge(f"stream message {original.seq} with a replay's headers would be larger than NATS "
+                             f"accepts ({max_bytes} bytes)")
     ack = await js.publish(Subjects(settings.subject_prefix).topic(topic), original.data, headers=headers,
                            stream=settings.stream)
     return Republished(request_id=new_id, topic=topic, stream_seq=ack.seq, parent=parent)
@@ -137,7 +148,7 @@ async def replay_request(js: JetStreamContext, store: StatusStore, settings: Set
         raise ReplayError(f"request {request_id} is unknown or its status has expired")
     original = await stored_message(js, settings.stream, int(status["stream_seq"]))
     topic = Subjects(settings.subject_prefix).topic_of(original.subject) or status["topic"]
-    return await republish(js, settings, original, topic, extra)
+    return await republish(js, settings, original, topic, extra, max_bytes=store.max_bytes)
 
 
 async def iterate(js: JetStreamContext, stream: str, subject: str, *, since: datetime | None = None

@@ -660,3 +660,20 @@ async def test_a_message_with_header_names_nats_py_would_not_send_can_be_replaye
         assert answer.status == 202, await answer.text()
         again = (await answer.json())["request_id"]
     await wait_for(lambda: jobs_of(k8s, again), timeout=GOOD_WITHIN_SECONDS, message="the replay's Job")
+
+
+async def test_replaying_a_message_at_the_size_limit_is_refused_not_fatal(poison: Stack, k8s: EmulatorHandle) -> None:
+    """A replay adds headers (its parent): at NATS's limit that would make the server close the connection."""
+    nc = await nats.connect(poison.settings.nats_url)
+    try:
+        request_id = str(uuid.uuid4())
+        block = f"NATS/1.0\r\nGitfaas-Request-Id: {request_id}\r\n\r\n"
+        await nc.jetstream().publish("gitfaas.topics.many", b"z" * (nc.max_payload - len(block)),  # no MESSAGE
+                                     headers={"Gitfaas-Request-Id": request_id})
+    finally:
+        await nc.close()
+    await wait_for(lambda: _state_is(poison, request_id, "applied"), message="it applied")
+    async with poison.http.post(f"{poison.bridge_url}/requests/{request_id}/replay") as answer:
+        assert answer.status == 413 and "NATS" in (await answer.json())["error"]
+    assert poison.bridge.nc.is_connected and poison.bridge.reconnects == 0
+    await good_message_goes_through(poison, k8s)
