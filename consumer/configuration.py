@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from consumer.prepare import kind_refused
 from consumer.render import CompiledDocument, TemplateError, compile_manifest
 from gitfaas.settings import Settings
@@ -105,9 +107,13 @@ def load_configuration(root: Path, commit: str, settings: Settings) -> Configura
 
     compiled: dict[str, list[CompiledDocument]] = {}
     topics: dict[str, Topic] = {}
+    lines = _entry_lines(raw)
     for position, entry in enumerate(entries):
-        where = f"{config_path}: topics[{position}]"
-        topic = _topic(entry, where, root, settings, compiled, problems)
+        entry_line, file_lines = lines.get(position, (None, {}))
+        where = f"{config_path}:{entry_line}: topics[{position}]" if entry_line else \
+            f"{config_path}: topics[{position}]"
+        topic = _topic(entry, where, root, settings, compiled, problems,
+                       {i: f"{config_path}:{line}: " for i, line in file_lines.items()})
         if topic is None:
             continue
         if topic.name in topics:
@@ -126,6 +132,7 @@ def _topic(
     settings: Settings,
     compiled: dict[str, list[CompiledDocument]],
     problems: list[str],
+    file_where: dict[int, str],
 ) -> Topic | None:
     if not isinstance(entry, dict):
         problems.append(f"{where}: expected an object with name and configs")
@@ -158,9 +165,10 @@ def _topic(
                         f"({', '.join(sorted(settings.namespaces_allowed))})")
 
     documents: list[CompiledDocument] = []
-    for path in files:
+    for index, path in enumerate(files):
         if path not in compiled:
-            text = _read_inside(root, path, MAX_MANIFEST_BYTES, problems, what="manifest")
+            text = _read_inside(root, path, MAX_MANIFEST_BYTES, problems, what="manifest",
+                                where=file_where.get(index, ""))
             if text is None:
                 compiled[path] = []
                 continue
@@ -263,15 +271,46 @@ def check_document(doc: CompiledDocument, settings: Settings, topic_namespace: s
     return problems
 
 
-def _read_inside(root: Path, relative: str, limit: int, problems: list[str], what: str) -> bytes | None:
+def _entry_lines(raw: bytes) -> dict[int, tuple[int, dict[int, int]]]:
+    """Where each topic of config.json starts, and each of its manifest paths: {topic: (line, {file: line})}.
+
+    JSON is read by `json` (which gives no positions); for the lines, the same text is composed as
+    YAML, of which JSON is a subset, so problems can name the line to fix. Best effort: text YAML
+    reads differently (or not at all) just gets no line numbers. Called only on text `json` accepted,
+    which bounds its size and nesting.
+    """
+    try:
+        root = yaml.compose(raw.decode("utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError):
+        return {}
+    if not isinstance(root, yaml.MappingNode):
+        return {}
+    topics = next((value for key, value in root.value if getattr(key, "value", None) == "topics"), None)
+    if not isinstance(topics, yaml.SequenceNode):
+        return {}
+    found: dict[int, tuple[int, dict[int, int]]] = {}
+    for position, entry in enumerate(topics.value):
+        files: dict[int, int] = {}
+        if isinstance(entry, yaml.MappingNode):
+            for key, value in entry.value:
+                if getattr(key, "value", None) in ("configs", "manifests") and isinstance(value, yaml.SequenceNode):
+                    files = {index: item.start_mark.line + 1 for index, item in enumerate(value.value)}
+        found[position] = (entry.start_mark.line + 1, files)
+    return found
+
+
+def _read_inside(root: Path, relative: str, limit: int, problems: list[str], what: str,
+                 where: str = "") -> bytes | None:
     """Read a file that must stay inside the repository (no `..`, absolute path, or escaping link).
 
     Links are followed only to check where they end; a file over `limit` is refused after reading at
-    most `limit + 1` bytes, whatever its size claimed when it was checked.
+    most `limit + 1` bytes, whatever its size claimed when it was checked. `where` prefixes each
+    problem (the line of config.json that names the file).
     """
-    shown = repr(relative) if not relative.isprintable() else relative
+    shown = where + (repr(relative) if not relative.isprintable() else relative)
     if not relative or "\0" in relative or os.path.isabs(relative) or ".." in Path(relative).parts:
-        problems.append(f"{shown or '(empty)'}: {what} path must be relative and stay inside the repository")
+        problems.append(f"{shown if relative else where + '(empty)'}: {what} path must be relative and stay "
+                        "inside the repository")
         return None
     try:
         real_root = root.resolve()

@@ -54,8 +54,8 @@ def test_validate_lists_every_problem_with_file_and_line(tmp_path: Path) -> None
     assert result.returncode == 1
     out = result.stdout
     assert "'bad topic' is not valid" in out
-    assert "nowhere.yaml: manifest file not found" in out
-    assert "../outside.yaml: manifest path must be relative and stay inside the repository" in out
+    assert "config.json:3: nowhere.yaml: manifest file not found" in out  # the line that names the file
+    assert "config.json:4: ../outside.yaml: manifest path must be relative and stay inside the repository" in out
     assert "secret.yaml:1: kind Secret is banned" in out
     assert "broken.yaml:5: " in out  # the YAML library words the syntax error itself
     assert "nameless.yaml:1: document has no metadata.name" in out
