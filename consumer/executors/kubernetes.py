@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import tempfile
 from typing import Any
 
@@ -68,13 +69,21 @@ class KubernetesExecutor:
         self._resources: dict[tuple[str, str], Any] = {}
         self._lock = asyncio.Lock()
         self._watcher: JobWatcher | None = None
+        self._cache_dir: str | None = None
 
     async def start(self, events: JobEvents) -> None:
         self._events = events
         self._api = await api_client(self._settings)
-        # A discovery cache per process: a shared file keyed by host:port can be stale.
-        cache = os.path.join(tempfile.gettempdir(), f"gitfaas-discovery-{os.getpid()}-{id(self)}.json")
-        self._dynamic = await DynamicClient(self._api, cache_file=cache)
+        # A discovery cache of this executor's own, in a directory made for it and removed at close:
+        # a file shared by host:port can be stale, and one named after pid and id(self) could be read
+        # by a later executor that got the same pid and id (in this process once this one is freed,
+        # or after a restart that keeps /tmp, an emptyDir in manifests/).
+        self._cache_dir = tempfile.mkdtemp(prefix="gitfaas-discovery-")
+        try:
+            self._dynamic = await DynamicClient(self._api, cache_file=os.path.join(self._cache_dir, "cache.json"))
+        except BaseException:
+            self._remove_cache()
+            raise
         self._watcher = JobWatcher(self._api, self._settings.namespaces_allowed, events)
         self._watcher.start()
 
@@ -85,6 +94,12 @@ class KubernetesExecutor:
         if self._api is not None:
             await self._api.close()
             self._api = None
+        self._remove_cache()
+
+    def _remove_cache(self) -> None:
+        if self._cache_dir is not None:
+            shutil.rmtree(self._cache_dir, ignore_errors=True)
+            self._cache_dir = None
 
     async def _resource(self, api_version: str, kind: str) -> Any:
         key = (api_version, kind)
