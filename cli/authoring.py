@@ -10,6 +10,7 @@ import json
 import sys
 import tempfile
 import uuid
+from difflib import get_close_matches
 from pathlib import Path
 from typing import TextIO
 
@@ -19,11 +20,13 @@ from consumer.configuration import Configuration, ConfigurationError, Topic, loa
 from consumer.documents import Request, render_request
 from consumer.errors import PermanentError
 from consumer.gitsync import GitSync, GitSyncError, content_hash
+from consumer.locate import ManifestLines
 from consumer.prepare import PolicyError, Stamp, prepare
-from consumer.render import RenderError
+from consumer.render import CompiledDocument, RenderError
 from consumer.variables import MessageValues
-from gitfaas.publishing import TopicParameters
+from gitfaas.publishing import TopicParameters, is_parameter
 from gitfaas.settings import Settings
+from gitfaas.subjects import BUILTIN_VARIABLES
 
 SAMPLE = "sample"
 
@@ -39,27 +42,94 @@ def _snapshot(settings: Settings, repo: str) -> tuple[Path, str]:
 
 
 def load(settings: Settings, repo: str) -> Configuration:
+    return load_with_root(settings, repo)[0]
+
+
+def load_with_root(settings: Settings, repo: str) -> tuple[Configuration, Path]:
     root, commit = _snapshot(settings, repo)
-    return load_configuration(root, commit, settings)
+    return load_configuration(root, commit, settings), root
 
 
-def sample_problems(settings: Settings, config: Configuration) -> list[str]:
-    """§4 and §7 on rendered documents: every variable set to a sample value."""
+class _Lines:
+    """Line lookups in the repository's manifest files, each file read once (only when needed)."""
+
+    def __init__(self, root: Path | None) -> None:
+        self.root = root
+        self.files: dict[str, ManifestLines | None] = {}
+
+    def of(self, source: str) -> ManifestLines | None:
+        if source not in self.files:
+            try:
+                text = (self.root / source).read_text("utf-8") if self.root is not None else None
+            except (OSError, UnicodeDecodeError):
+                text = None
+            self.files[source] = ManifestLines(text) if text is not None else None
+        return self.files[source]
+
+    def key(self, doc: CompiledDocument, path: tuple[str, ...] | None) -> int:
+        found = self.of(doc.source)
+        return found.key_line(doc.index, path, doc.line) if found is not None and path else doc.line
+
+    def variable(self, doc: CompiledDocument, name: str) -> int:
+        found = self.of(doc.source)
+        return found.variable_line(doc.index, name, doc.line) if found is not None else doc.line
+
+
+def sample_problems(settings: Settings, config: Configuration, root: Path | None = None,
+                    warnings: list[str] | None = None) -> list[str]:
+    """What the consumer would refuse once messages arrive, found now: every document rendered with
+    sample values and checked against policy, and every variable's name checked for a misspelling.
+
+    With the repository's `root`, each problem names the line of the offending key or variable.
+    Parameters no built-in or `params` entry declares are added to `warnings` (when given).
+    """
     problems: list[str] = []
+    lines = _Lines(root)
     for topic in config.topics.values():
         values = MessageValues(request_id="validate", identity="validate", topic=topic.name, body=b"{}",
                                params=topic.defaults, nats_url=settings.nats_url, bridge_url=settings.bridge_url)
         stamp = Stamp(topic=topic.name, request_id="validate", stream_seq=0, commit=config.commit,
                       identity="validate")
+        reported: set[tuple[str, str]] = set()
         for ordinal, doc in enumerate(topic.documents):
+            for name in sorted(doc.variables, key=lambda name: (lines.variable(doc, name), name)):
+                if (doc.source, name) in reported:
+                    continue
+                reported.add((doc.source, name))
+                where = f"{doc.source}:{lines.variable(doc, name)}: topic {topic.name}"
+                misspelled, undeclared = _check_name(name, topic)
+                if misspelled:
+                    problems.append(f"{where}: {misspelled}")
+                elif undeclared and warnings is not None:
+                    warnings.append(f"{where}: {undeclared}")
             known = {name: values.value(name, ordinal) for name in doc.variables}
             sample = {name: value if value is not None else SAMPLE for name, value in known.items()}
             try:
                 prepare(doc.render(sample), ordinal=ordinal, stamp=stamp,
                         namespace=topic.namespace or settings.kube_namespace, settings=settings)
-            except (RenderError, PolicyError) as exc:
+            except PolicyError as exc:
+                problems.append(f"{doc.source}:{lines.key(doc, exc.path)}: topic {topic.name}: {exc}")
+            except RenderError as exc:
                 problems.append(f"{doc.source}:{doc.line}: topic {topic.name}: {exc}")
     return problems
+
+
+def _check_name(name: str, topic: Topic) -> tuple[str | None, str | None]:
+    """(a misspelling, else an undeclared parameter) for one `{{NAME}}`; (None, None) when it is fine.
+
+    A name close to a built-in (`MESAGE`, `request_id`) or to a declared parameter is almost surely a
+    typo: as a parameter, every message would have to give it, and none does.
+    """
+    if not is_parameter(name) or name in topic.params:
+        return None, None
+    close = (get_close_matches(name.upper(), sorted(BUILTIN_VARIABLES), n=1, cutoff=0.75)
+             or get_close_matches(name, sorted(topic.params), n=1, cutoff=0.75))
+    if close:
+        return (f"{{{{{name}}}}} is neither a built-in variable nor a parameter declared in the topic's "
+                f'"params"; did you mean {close[0]}?'), None
+    return None, (f"{{{{{name}}}}} is a parameter every message must give (it is not a built-in variable and "
+                  f'the topic\'s "params" does not declare it); declare it in "params" with a default, '
+                  "or null if every message must give it")
 
 
 def describe_parameters(topic: Topic) -> str | None:
@@ -74,14 +144,17 @@ def describe_parameters(topic: Topic) -> str | None:
 
 
 def validate(settings: Settings, repo: str, out: TextIO = sys.stdout) -> int:
+    warnings: list[str] = []
     try:
-        config = load(settings, repo)
+        config, root = load_with_root(settings, repo)
     except ConfigurationError as exc:
         problems = exc.problems
     except GitSyncError as exc:
         problems = [str(exc)]
     else:
-        problems = sample_problems(settings, config)
+        problems = sample_problems(settings, config, root, warnings)
+        for warning in warnings:
+            print(f"warning: {warning}", file=out)
         if not problems:
             documents = sum(len(t.documents) for t in config.topics.values())
             print(f"ok: {len(config.topics)} topic(s), {documents} document(s) in {repo}", file=out)

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from consumer.locate import ManifestLines
 from consumer.prepare import kind_refused
 from consumer.render import CompiledDocument, TemplateError, compile_manifest
 from gitfaas.settings import Settings
@@ -184,8 +185,13 @@ def _topic(
                 continue
             if not compiled[path]:
                 problems.append(f"{path}: holds no YAML document")
+        lines: ManifestLines | None = None
         for doc in compiled[path]:
-            problems.extend(check_document(doc, settings, namespace, topic=name))
+            found = check_document(doc, settings, namespace, topic=name)
+            if found:  # read the file again for the lines only when there is something to report
+                lines = lines or ManifestLines((root / path).read_text("utf-8", errors="replace"))
+                found = check_document(doc, settings, namespace, topic=name, lines=lines)
+            problems.extend(found)
         documents.extend(compiled[path])
     if len(problems) > before:
         return None
@@ -238,12 +244,17 @@ def _optional(entry: dict[str, Any], key: str, kind: type, where: str, problems:
 
 
 def check_document(doc: CompiledDocument, settings: Settings, topic_namespace: str | None,
-                   topic: str | None = None) -> list[str]:
-    """§3/§7 checks that can be made before any message: shape, kind policy, namespace.
+                   topic: str | None = None, lines: ManifestLines | None = None) -> list[str]:
+    """Checks that can be made before any message: shape, kind policy, namespace.
 
     Values still unknown (`{{NAME}}`) are checked again on every rendered document (`prepare`).
+    With the file's `lines`, a problem of one key names that key's line.
     """
     where = f"{doc.source}:{doc.line}"
+
+    def at(*path: str) -> str:
+        return f"{doc.source}:{lines.key_line(doc.index, path, doc.line)}" if lines is not None else where
+
     static = doc.sample()  # variables appear as "{{NAME}}" text
     problems: list[str] = []
     for key in ("apiVersion", "kind"):
@@ -256,11 +267,12 @@ def check_document(doc: CompiledDocument, settings: Settings, topic_namespace: s
     kind = static.get("kind")
     refused = kind_refused(kind, settings) if isinstance(kind, str) else None
     if refused:
-        problems.append(f"{where}: {refused}")
+        problems.append(f"{at('kind')}: {refused}")
     allowed = ", ".join(sorted(settings.namespaces_allowed))
     namespace = metadata.get("namespace")
     if isinstance(namespace, str) and "{{" not in namespace and namespace not in settings.namespaces_allowed:
-        problems.append(f"{where}: namespace {namespace!r} is not allowed (ALLOWED_NAMESPACES: {allowed})")
+        problems.append(f"{at('metadata', 'namespace')}: namespace {namespace!r} is not allowed "
+                        f"(ALLOWED_NAMESPACES: {allowed})")
     elif not namespace:
         default = topic_namespace or settings.kube_namespace
         if default not in settings.namespaces_allowed:

@@ -30,7 +30,15 @@ _NOT_LABEL_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 class PolicyError(ValueError):
-    """A rendered object gitfaas refuses to apply; permanent for this message."""
+    """A rendered object gitfaas refuses to apply; permanent for this message.
+
+    `path` is the key that is wrong (`("metadata", "namespace")`), so `gitfaas validate` can point
+    at its line; None when the whole document is (a missing key).
+    """
+
+    def __init__(self, message: str, path: tuple[str, ...] | None = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 def kind_refused(kind: str, settings: Settings) -> str | None:
@@ -99,10 +107,10 @@ def prepare(
         raise PolicyError("rendered document has no apiVersion or kind")
     refused = kind_refused(kind, settings)
     if refused:
-        raise PolicyError(refused)
+        raise PolicyError(refused, ("kind",))
     metadata = document.get("metadata")
     if not isinstance(metadata, dict):
-        raise PolicyError(f"{kind}: metadata is not a mapping")
+        raise PolicyError(f"{kind}: metadata is not a mapping", ("metadata",))
     if not metadata.get("name"):
         generate = metadata.pop("generateName", None)
         if not isinstance(generate, str) or not generate:
@@ -114,7 +122,8 @@ def prepare(
     if not isinstance(own_namespace, str) or own_namespace not in settings.namespaces_allowed:
         raise PolicyError(
             f"{kind} {metadata['name']}: namespace {own_namespace!r} is not allowed "
-            f"(ALLOWED_NAMESPACES: {', '.join(sorted(settings.namespaces_allowed))})"
+            f"(ALLOWED_NAMESPACES: {', '.join(sorted(settings.namespaces_allowed))})",
+            ("metadata", "namespace") if metadata.get("namespace") else None,
         )
     metadata["namespace"] = own_namespace
     _merge(metadata, "labels", stamp.labels())

@@ -56,7 +56,7 @@ def test_validate_lists_every_problem_with_file_and_line(tmp_path: Path) -> None
     assert "'bad topic' is not valid" in out
     assert "config.json:3: nowhere.yaml: manifest file not found" in out  # the line that names the file
     assert "config.json:4: ../outside.yaml: manifest path must be relative and stay inside the repository" in out
-    assert "secret.yaml:1: kind Secret is banned" in out
+    assert "secret.yaml:2: kind Secret is banned" in out  # the line of its kind
     assert "broken.yaml:5: " in out  # the YAML library words the syntax error itself
     assert "nameless.yaml:1: document has no metadata.name" in out
     assert "6 problem(s)" in out
@@ -68,7 +68,7 @@ def test_validate_renders_with_sample_values_and_checks_policy(tmp_path: Path) -
                                       "  namespace: '{{ns}}'\n")
     result = gitfaas("validate", str(tmp_path))
     assert result.returncode == 1
-    assert "ns.yaml:1: topic t:" in result.stdout and "'sample' is not allowed" in result.stdout
+    assert "ns.yaml:5: topic t:" in result.stdout and "'sample' is not allowed" in result.stdout
 
 
 def _comparable(document: dict[str, Any]) -> dict[str, Any]:

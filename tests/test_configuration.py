@@ -185,13 +185,13 @@ def test_every_problem_of_a_bad_repository_is_listed(tmp_path):
     assert has_problem(problems, "../outside/job.yaml", "relative")
     assert has_problem(problems, str(outside / "job.yaml"), "relative")
     assert has_problem(problems, "escape.yaml", "symbolic link")
-    assert has_problem(problems, "secret.yaml:1", "Secret", "banned")
+    assert has_problem(problems, "secret.yaml:2", "Secret", "banned")  # the line of the kind
     assert has_problem(problems, "nameless.yaml:1", "metadata.name")
     assert any(re.match(r"broken\.yaml:\d+: ", problem) for problem in problems)
     assert has_problem(problems, "kube-system", "ALLOWED_NAMESPACES")
     assert has_problem(problems, "twice", "defined twice")
     assert has_problem(problems, "maxConcurrency", "'4'")
-    assert has_problem(problems, "docns.yaml:1", "kube-public")
+    assert has_problem(problems, "docns.yaml:5", "kube-public")  # the line of the namespace
     assert len(problems) >= 12
     # Nothing of the escaped file was ever read as a manifest.
     assert not any("escaped" in problem for problem in problems)
@@ -269,7 +269,7 @@ def test_a_kind_banned_by_the_settings_is_refused(tmp_path):
         "a.yaml": job("a"),
     })
 
-    assert has_problem(problems_of(root, SETTINGS.replace(banned_kinds=("Job",))), "a.yaml:1", "Job", "banned")
+    assert has_problem(problems_of(root, SETTINGS.replace(banned_kinds=("Job",))), "a.yaml:2", "Job", "banned")
 
 
 def test_one_bad_file_refuses_the_whole_commit(tmp_path):

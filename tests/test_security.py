@@ -383,11 +383,11 @@ def test_policy_at_load_names_each_topic_that_uses_a_bad_file(tmp_path: Path) ->
 
     problems = problems_of(root)
 
-    assert has_problem(problems, "secret.yaml:1", "kind Secret is banned", "(topic one)")
-    assert has_problem(problems, "secret.yaml:1", "kind Secret is banned", "(topic two)")
-    assert has_problem(problems, "lower.yaml:1", "clusterrolebinding", "banned")
-    assert has_problem(problems, "list.yaml:1", "kind List is refused")
-    assert has_problem(problems, "slist.yaml:1", "kind SecretList is refused")
+    assert has_problem(problems, "secret.yaml:2", "kind Secret is banned", "(topic one)")
+    assert has_problem(problems, "secret.yaml:2", "kind Secret is banned", "(topic two)")
+    assert has_problem(problems, "lower.yaml:2", "clusterrolebinding", "banned")
+    assert has_problem(problems, "list.yaml:2", "kind List is refused")
+    assert has_problem(problems, "slist.yaml:2", "kind SecretList is refused")
 
 
 def test_the_namespace_default_must_be_allowed_too(tmp_path: Path) -> None:
