@@ -157,6 +157,7 @@ class LocalExecutor:
         self._events: JobEvents = NoJobEvents()
         self._admitted: dict[tuple[str, str], asyncio.Task[Applied]] = {}
         self._running: set[asyncio.Task[None]] = set()
+        self._groups: set[int] = set()  # process groups of the containers running now
         self._closing = False
 
     # ---- Executor protocol -------------------------------------------------------------------
@@ -190,12 +191,24 @@ class LocalExecutor:
             raise TransientError(f"cannot record Job {name} under {self._state}: {exc}") from None
 
     async def close(self) -> None:
-        """Kill what runs (SIGTERM, SIGKILL after a grace) and wait, so no process outlives us."""
+        """Kill what runs (SIGTERM, SIGKILL after a grace) and wait, so no process outlives us.
+
+        Cancelling a Job's task makes it stop its processes; the process groups are also signalled
+        here directly, so a cancellation that does not reach a container's task (one seen to get
+        stuck in a TaskGroup on Python 3.11) cannot keep the shutdown waiting for a Job that never ends.
+        """
         self._closing = True
         tasks = list(self._running)
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, *self._admitted.values(), return_exceptions=True)
+        waiting = [*tasks, *self._admitted.values()]
+        for sig, grace in ((signal.SIGTERM, CLOSE_KILL_GRACE_SECONDS), (signal.SIGKILL, CLOSE_KILL_GRACE_SECONDS)):
+            _done, pending = await asyncio.wait(waiting, timeout=grace) if waiting else (set(), set())
+            if not pending:
+                break
+            for group in list(self._groups):
+                _killpg(group, sig)
+        await asyncio.gather(*waiting, return_exceptions=True)
 
     async def wait_idle(self, timeout: float) -> None:
         """Until no Job is running (tests, shutdown); TimeoutError if that takes longer."""
@@ -420,6 +433,7 @@ class LocalExecutor:
             finally:
                 os.close(write_fd)  # the child has it: end of output is when its last holder exits
             self._record(process.pid, container)
+            self._groups.add(process.pid)
             output = asyncio.create_task(self._pump(reader, container.prefix))
             try:
                 code = await process.wait()
@@ -433,6 +447,7 @@ class LocalExecutor:
                         _killpg(process.pid, signal.SIGKILL)
                         await process.wait()
                 _killpg(process.pid, signal.SIGKILL)  # whatever it started and left behind
+                self._groups.discard(process.pid)
                 self._records.remove(process.pid)
                 with contextlib.suppress(TimeoutError):  # a child that left the group may hold the pipe
                     await asyncio.wait_for(output, OUTPUT_DRAIN_SECONDS)
