@@ -8,21 +8,19 @@ against a deadline.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
-import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import aiohttp
 
-from gitfaas.embedded import EmbeddedNats, free_port
-from tests.conftest import GitRepo, config_json, make_settings, running_stack, wait_for
-from tests.test_up import processes_mentioning
+from gitfaas.embedded import EmbeddedNats
+from tests.conftest import GitRepo, config_json, make_settings, running_stack
+from tests.processes import ROOT, Up, processes_mentioning
 
-ROOT = Path(__file__).resolve().parent.parent
 PARTS = 10
 # What each Job's process writes: the values its own document gave it.
 REPORT = ("import json, os, pathlib; keys = ('PART', 'MESSAGE', 'FUNCTION_UID', 'GITFAAS_JOB_NAME'); "
@@ -89,28 +87,13 @@ async def test_ten_jobs_in_one_file_each_run_once_with_their_own_values(
 
 async def test_up_runs_the_example_fan_out_one_job_per_sensor(tmp_path: Path) -> None:
     """examples/pipeline's timeToSurvey: five Jobs in survey.yaml, each answering for its own sensor."""
-    port = free_port()
     state = tmp_path / "state"
-    log_path = tmp_path / "up.log"
-    log = log_path.open("wb")
-    env = {**os.environ, "LOG_FORMAT": "json", "CONSUMER_HTTP_PORT": str(free_port())}
-    up = subprocess.Popen(
-        [sys.executable, "-m", "cli", "up", "--repo", "examples/pipeline", "--port", str(port),
-         "--state-dir", str(state)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-    )
-    bridge = f"http://127.0.0.1:{port}"
+    up = Up(tmp_path, "up", ROOT / "examples" / "pipeline", state)
+    bridge = f"http://127.0.0.1:{up.port}"
     try:
+        await asyncio.to_thread(up.start)
+        await up.wait_ready()
         async with aiohttp.ClientSession() as http:
-            async def ready() -> bool:
-                assert up.poll() is None, log_path.read_text()
-                try:
-                    async with http.get(f"{bridge}/readyz") as response:
-                        return response.status == 200
-                except aiohttp.ClientError:
-                    return False
-
-            await wait_for(ready, timeout=30, message="gitfaas up to be ready")
             async with http.post(f"{bridge}/publish/timeToSurvey?wait=completed&timeout=60",
                                  json={"rows": 30, "seed": 7}) as response:
                 document = await response.json()
@@ -131,14 +114,11 @@ async def test_up_runs_the_example_fan_out_one_job_per_sensor(tmp_path: Path) ->
             written = state / "volumes" / "pipeline-data" / f"{run}.survey-{answer['sensor']}.json"
             assert json.loads(written.read_text()) == answer
             assert 10 <= answer["min"] <= answer["mean"] <= answer["max"] <= 30
-        output = log_path.read_text()
+        output = up.output()
         assert all(f"[{name}] surveyed 30 readings of {name.split('-')[1]}" in output for name in names)
+
+        up.process.send_signal(signal.SIGINT)  # type: ignore[union-attr]
+        assert await up.wait_exit(timeout=20) == 0, up.output()[-2000:]
+        assert processes_mentioning(str(state)) == {}, "no nats-server or function left behind"
     finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            code = up.wait(timeout=20)
-        finally:
-            up.kill()
-            log.close()
-    assert code == 0, log_path.read_text()[-2000:]
-    assert processes_mentioning(str(state)) == [], "no nats-server or function left behind"
+        up.cleanup()
