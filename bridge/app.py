@@ -25,6 +25,7 @@ from nats.js.errors import Error as JetStreamError
 from nats.js.kv import KeyValue
 from prometheus_client import Counter, Histogram
 
+from bridge.runs import RunRoutes
 from gitfaas import natsconn, safejson
 from gitfaas.httperrors import JsonErrorsRunner, error_answer
 from gitfaas.logs import get_logger
@@ -40,8 +41,10 @@ from gitfaas.publishing import (
     wait_status,
 )
 from gitfaas.replay import ReplayError, ReplayTooLarge, replay_request, stored_message
+from gitfaas.runs import RunStore, ensure_runs_bucket, is_run_finished, rfc3339, run_view
+from gitfaas.schedules import next_tick
 from gitfaas.settings import Settings
-from gitfaas.status import StatusStore, StatusTooLarge, is_request_id, request_key_of_function, set_response
+from gitfaas.status import StatusStore, StatusTooLarge, request_key_of_function, set_response
 from gitfaas.subjects import (
     CONFIG_KEY,
     HEADER_PARENT,
@@ -106,6 +109,8 @@ class Bridge:
         self._topics: frozenset[str] = frozenset()
         self._config_kv: KeyValue | None = None
         self.status: StatusStore | None = None
+        self.runs: RunStore | None = None  # the run index (§11)
+        self.run_routes = RunRoutes(self)
         self._watch_task: asyncio.Task[None] | None = None
         self._token = (settings.bridge_token or "").encode()
         self._stopping = False
@@ -127,8 +132,14 @@ class Bridge:
         except BaseException:
             await nc.close()
             raise
+        try:
+            runs_kv = await ensure_runs_bucket(js, self.settings)
+        except BaseException:
+            await nc.close()
+            raise
         self.nc, self.js = nc, js
         self.status = StatusStore(requests_kv, max_bytes=nc.max_payload)
+        self.runs = RunStore(runs_kv, nc, max_bytes=nc.max_payload)
         self._start_watch()
 
     async def _on_closed(self) -> None:
@@ -215,6 +226,7 @@ class Bridge:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", metrics_view)
+        self.run_routes.add(app)
         return app
 
     @web.middleware
@@ -272,14 +284,11 @@ class Bridge:
         except InvalidName as exc:
             return json_error(400, str(exc))
         wait = request.query.get("wait")
-        if wait is not None and wait not in WAITS:
-            return json_error(400, f"wait must be {' or '.join(repr(w) for w in WAITS)}")
-        try:
-            wait_timeout = float(request.query.get("timeout", DEFAULT_WAIT_SECONDS))
-        except ValueError:
-            return json_error(400, "timeout must be a number of seconds")
-        if not 0 < wait_timeout <= MAX_WAIT_SECONDS:
-            return json_error(400, f"timeout must be between 0 and {MAX_WAIT_SECONDS:.0f} seconds")
+        if wait is not None and wait not in (*WAITS, "run"):
+            return json_error(400, f"wait must be {', '.join(repr(w) for w in WAITS)} or 'run'")
+        wait_timeout = self.wait_timeout(request)
+        if isinstance(wait_timeout, web.Response):
+            return wait_timeout
         if self.nc is None or self.js is None or not self.nc.is_connected:
             return json_error(503, "NATS is unavailable; the message was not accepted")
         params = [(k, v) for k, v in request.query.items() if k not in RESERVED_QUERY]
@@ -336,9 +345,39 @@ class Bridge:
             return web.json_response(answer, status=202)
         return await self._wait(answer, wait, wait_timeout)
 
+    def wait_timeout(self, request: web.Request) -> float | web.Response:
+        """`?timeout=S` of a wait, or the error answer."""
+        try:
+            timeout = float(request.query.get("timeout", DEFAULT_WAIT_SECONDS))
+        except ValueError:
+            return json_error(400, "timeout must be a number of seconds")
+        if not 0 < timeout <= MAX_WAIT_SECONDS:
+            return json_error(400, f"timeout must be between 0 and {MAX_WAIT_SECONDS:.0f} seconds")
+        return timeout
+
+    async def _wait_run(self, answer: dict[str, Any], timeout: float) -> web.Response:
+        """`?wait=run`: until the run this request belongs to is finished (§11)."""
+        assert self.status is not None and self.runs is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:  # the run is known once the consumer has claimed the request (its `root`)
+            known, document = await self.status.wait(answer["request_id"], lambda d: bool(d.get("root")), timeout)
+            if not known or document is None:
+                return web.json_response({**answer, "state": (document or {}).get("state", "pending")}, status=504)
+            reached, run = await self.runs.wait(document["root"], is_run_finished, max(0.001, deadline - loop.time()))
+            if run is None:
+                return web.json_response({**answer, "run_id": document["root"], "state": "running"}, status=504)
+            view = await run_view(self.status, run)
+        except NATS_UNAVAILABLE as exc:
+            return json_error(503, f"accepted as {answer['request_id']}, but its status is unavailable: "
+                                   f"{type(exc).__name__}")
+        return web.json_response(view, status=wait_status(reached, view))
+
     async def _wait(self, answer: dict[str, Any], wait: str, timeout: float) -> web.Response:
         """`?wait=`: answer from a watch of the request's status key, not by polling."""
         assert self.status is not None
+        if wait == "run":
+            return await self._wait_run(answer, timeout)
         try:
             reached, document = await self.status.wait(answer["request_id"], WAITS[wait], timeout)
         except NATS_UNAVAILABLE as exc:
@@ -359,27 +398,23 @@ class Bridge:
         return original.request_id  # as the consumer sees it: its own if valid, else seq-<n>
 
     async def _status_document(self, request_id: str) -> dict[str, Any] | web.Response:
-        """The request's status document, or the error response that says why there is none."""
-        if not is_request_id(request_id):
-            return json_error(400, NOT_A_REQUEST_ID)
-        if self.status is None or self.nc is None or not self.nc.is_connected:
-            return json_error(503, "NATS is unavailable")
+        """The request's status document (by id, or a unique prefix of at least 8 characters), or the
+        error response that says why there is none."""
         try:
-            document = await self.status.get(request_id)
+            found = await self.run_routes.find(request_id)
         except NATS_UNAVAILABLE:
             return json_error(503, "the status store is unavailable")
-        if document is None:
-            return json_error(404, f"request {request_id} is unknown or its status has expired")
-        return document
+        return found if isinstance(found, web.Response) else found.document
 
     async def request_status(self, request: web.Request) -> web.Response:
         document = await self._status_document(request.match_info["request_id"])
         return document if isinstance(document, web.Response) else web.json_response(document)
 
     async def replay(self, request: web.Request) -> web.Response:
-        request_id = request.match_info["request_id"]
-        if not is_request_id(request_id):
-            return json_error(400, NOT_A_REQUEST_ID)
+        found = await self.run_routes.find(request.match_info["request_id"])
+        if isinstance(found, web.Response):
+            return found
+        request_id = found.request_id
         if self.status is None or self.js is None or self.nc is None or not self.nc.is_connected:
             return json_error(503, "NATS is unavailable")
         try:
@@ -435,7 +470,7 @@ class Bridge:
         if self.config_state is None:
             return web.json_response({"commit": None, "loaded_at": None, "topics": [],
                                       "error": NO_CONFIGURATION})
-        return web.json_response(self.config_state)
+        return web.json_response(with_next_ticks(self.config_state))
 
     async def refresh(self, _request: web.Request) -> web.Response:
         if self.nc is None or not self.nc.is_connected:
@@ -468,6 +503,20 @@ class Bridge:
                   "stream": self.settings.stream if stream_ok else None, "configuration": commit,
                   "error": (self.config_state or {}).get("error")}  # a refused commit, while the last good one serves
         return web.json_response(detail, status=200 if ready else 503)
+
+
+def with_next_ticks(state: dict[str, Any]) -> dict[str, Any]:
+    """The configuration state with each schedule's next tick (computed now, §11)."""
+    topics = []
+    for topic in state.get("topics") or []:
+        if isinstance(topic, dict) and topic.get("schedule"):
+            try:
+                tick: str | None = rfc3339(next_tick(topic["schedule"], topic.get("timezone"), time.time()))
+            except (ValueError, KeyError, TypeError):
+                tick = None
+            topic = {**topic, "next_tick": tick}
+        topics.append(topic)
+    return {**state, "topics": topics}
 
 
 async def serve(bridge: Bridge, host: str, port: int) -> web.AppRunner:

@@ -20,13 +20,15 @@ import yaml
 from consumer.locate import ManifestLines
 from consumer.prepare import kind_refused
 from consumer.render import CompiledDocument, TemplateError, compile_manifest
+from gitfaas.publishing import TopicParameters
+from gitfaas.schedules import schedule_problem
 from gitfaas.settings import Settings
 from gitfaas.subjects import InvalidName, check_param_name, check_topic
 
 MAX_MANIFEST_BYTES = 1024 * 1024
 MAX_CONFIG_BYTES = 1024 * 1024
 TOPIC_KEYS = {"name", "configs", "manifests", "namespace", "maxConcurrency", "maxActiveJobs", "retries",
-              "params"}
+              "params", "schedule", "timezone", "message"}
 
 
 class ConfigurationError(ValueError):
@@ -50,6 +52,11 @@ class Topic:
     # config.json's `params`: a string is the default of that parameter; None (`null`) declares a
     # parameter without a default, which every message must give.
     params: Mapping[str, str | None] = field(default_factory=dict)
+    # `schedule`: a cron expression; the topic is published on each tick (§11), in `timezone`
+    # (default UTC), with `message` as the body (a string as it is, anything else as JSON).
+    schedule: str | None = None
+    timezone: str | None = None
+    message: Any = None
 
     @property
     def variables(self) -> frozenset[str]:
@@ -72,6 +79,8 @@ class Topic:
         out["retries"] = self.retries
         out["params"] = dict(self.params)
         out["variables"] = sorted(self.variables)
+        if self.schedule is not None:
+            out.update(schedule=self.schedule, timezone=self.timezone or "UTC", message=self.message)
         return out
 
 
@@ -161,6 +170,13 @@ def _topic(
     max_active = _optional(entry, "maxActiveJobs", int, where, problems, minimum=1)
     retries = _optional(entry, "retries", int, where, problems, minimum=0) or 0
     params = _params(entry.get("params"), where, problems)
+    schedule, timezone = entry.get("schedule"), entry.get("timezone")
+    if schedule is not None:
+        problem = schedule_problem(schedule, timezone)
+        if problem:
+            problems.append(f"{where}.schedule: {problem}")
+    elif timezone is not None or "message" in entry:
+        problems.append(f"{where}: timezone and message go with a schedule, which the topic does not have")
     if namespace is not None and namespace not in settings.namespaces_allowed:
         problems.append(f"{where}.namespace: {namespace!r} is not in ALLOWED_NAMESPACES "
                         f"({', '.join(sorted(settings.namespaces_allowed))})")
@@ -193,6 +209,11 @@ def _topic(
                 found = check_document(doc, settings, namespace, topic=name, lines=lines)
             problems.extend(found)
         documents.extend(compiled[path])
+    if schedule is not None and len(problems) == before:
+        required = TopicParameters.of(str(name), frozenset().union(*(d.variables for d in documents)), params).required
+        if required:
+            problems.append(f"{where}.schedule: a scheduled publish gives no parameters, so each needs a default in "
+                            f"\"params\": {', '.join(sorted(required))}")
     if len(problems) > before:
         return None
     return Topic(
@@ -204,6 +225,9 @@ def _topic(
         max_active_jobs=max_active,
         retries=retries,
         params=params,
+        schedule=schedule,
+        timezone=timezone,
+        message=entry.get("message"),
     )
 
 

@@ -189,8 +189,9 @@ def _file_stream(name: str, subject: str, settings: Settings, **extra: Any) -> S
 
 
 def stream_config(settings: Settings) -> StreamConfig:
+    # Direct gets: a run's unhandled children are looked for among the unacknowledged messages (§11).
     return _file_stream(settings.stream, Subjects(settings.subject_prefix).topics_wildcard, settings,
-                        duplicate_window=settings.duplicate_window_seconds)
+                        duplicate_window=settings.duplicate_window_seconds, allow_direct=True)
 
 
 def dead_stream_config(settings: Settings) -> StreamConfig:

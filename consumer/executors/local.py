@@ -21,6 +21,12 @@ started in a background task, as an API server accepts it, and its outcome is re
   true across restarts. A Job interrupted by `close()` is reported failed and not run again.
 - A container that cannot start (no command, command not found) fails the Job at once: retrying
   cannot help. Other failures are retried up to `backoffLimit`; `restartPolicy` is not consulted.
+- Each Job's output (and what is said about it) is printed live with its name as prefix and kept in
+  `<state_dir>/logs/<namespace>/<name>.log` (at most `LOG_MAX_BYTES`, then rotated once to `.log.1`;
+  files older than `REQUEST_TTL_SECONDS` are removed when the executor starts), so `gitfaas logs`
+  reads it after a restart too. A failed Job's reason ends with its last lines of output.
+- `cancel_job` (a cancelled run) kills the Job's process groups (SIGTERM, then SIGKILL) and reports
+  it failed (`Cancelled: …`); it is not run again.
 - Each running container's process group is recorded under `<state_dir>/processes/` while it
   runs, so if gitfaas is killed (SIGKILL) the next `gitfaas up` finds and stops it. A Job whose
   marker says it was still running in a process that is gone is reported failed (Interrupted)
@@ -38,9 +44,12 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -61,6 +70,9 @@ OUTPUT_DRAIN_SECONDS = 2.0  # after exit, for output still in the pipe
 MAX_LINE_BYTES = 65536
 BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
 SKIPPED = "skipped (the local executor runs only batch/v1 Jobs)"
+LOG_MAX_BYTES = 1024 * 1024  # per Job's log file, before it is rotated (one rotated file is kept)
+LAST_LINES = 5  # of output, in a failed Job's reason
+CANCELLED = "Cancelled: the run was cancelled"
 _REFERENCE = re.compile(r"\$(\$|\(([^)]*)\))")
 
 
@@ -120,6 +132,48 @@ def _load(path: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else {}
 
 
+class _JobLog:
+    """One Job's output file, capped and rotated, and its last lines of output (for a failure's reason)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.last: deque[str] = deque(maxlen=LAST_LINES)
+        self._file: Any = None
+
+    def write(self, line: str, output: bool) -> None:
+        if output:
+            self.last.append(line.split("] ", 1)[-1])
+        try:
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = self.path.open("a", encoding="utf-8", errors="replace")
+            self._file.write(line + "\n")
+            self._file.flush()
+            if self._file.tell() > LOG_MAX_BYTES:
+                self._file.close()
+                self._file = None
+                os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+        except OSError as exc:  # the Job runs on; its output is still printed
+            log.warning("job output not kept", path=str(self.path), error=str(exc))
+
+    def close(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+
+    @staticmethod
+    def read(path: Path) -> list[str]:
+        lines: list[str] = []
+        for part in (path.with_name(path.name + ".1"), path):
+            with contextlib.suppress(OSError):
+                lines.extend(part.read_text(encoding="utf-8", errors="replace").splitlines())
+        return lines
+
+
+_JOB_LOG: ContextVar[_JobLog | None] = ContextVar("gitfaas_local_job_log", default=None)
+
+
 class _CannotRun(Exception):
     """The Job can never succeed here (no command, command not found): fail without retrying."""
 
@@ -133,6 +187,7 @@ class _Job:
     backoff_limit: int
     active_deadline: float | None
     marker: Path
+    log_path: Path = field(default_factory=Path)
 
     @property
     def name(self) -> str:
@@ -145,6 +200,7 @@ class _Container:
     prefix: str  # of its output lines
     argv: list[str]
     env: dict[str, str]
+    job: tuple[str, str] = ("", "")  # (namespace, name) of its Job
 
 
 class LocalExecutor:
@@ -158,6 +214,9 @@ class LocalExecutor:
         self._admitted: dict[tuple[str, str], asyncio.Task[Applied]] = {}
         self._running: set[asyncio.Task[None]] = set()
         self._groups: set[int] = set()  # process groups of the containers running now
+        self._jobs: dict[tuple[str, str], asyncio.Task[None]] = {}  # (namespace, name) -> its run, while it runs
+        self._job_groups: dict[tuple[str, str], set[int]] = {}
+        self._cancelled: set[tuple[str, str]] = set()
         self._closing = False
 
     # ---- Executor protocol -------------------------------------------------------------------
@@ -165,6 +224,49 @@ class LocalExecutor:
     async def start(self, events: JobEvents) -> None:
         self._events = events
         await self._fail_interrupted()
+        await asyncio.to_thread(self._remove_old_logs)
+
+    def _remove_old_logs(self) -> None:
+        """Output of Jobs whose requests have expired: nobody can ask for it any more."""
+        limit = time.time() - self._settings.request_ttl_seconds
+        for path in self._state.glob("logs/*/*"):
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime < limit:
+                    path.unlink()
+
+    # ---- what §11 asks of a Job after it is applied: cancel it, read its output -------------------
+
+    def _key(self, namespace: str | None, name: str) -> tuple[str, str]:
+        return (namespace or self._settings.kube_namespace, name)
+
+    async def cancel_job(self, namespace: str | None, name: str) -> bool:
+        """Kill a running Job's processes (its run was cancelled); False if it does not run here."""
+        key = self._key(namespace, name)
+        task = self._jobs.get(key)
+        if task is None or task.done():
+            return False
+        self._cancelled.add(key)
+        task.cancel()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            _done, pending = await asyncio.wait({task}, timeout=CLOSE_KILL_GRACE_SECONDS)
+            if not pending:
+                break
+            for group in list(self._job_groups.get(key, ())):  # a cancellation that did not reach a container
+                _killpg(group, sig)
+        return True
+
+    def _log_path(self, namespace: str | None, name: str) -> Path:
+        namespace, name = self._key(namespace, name)
+        return self._state / "logs" / _safe(namespace) / f"{_safe(name)}.log"
+
+    async def logs(self, namespace: str | None, name: str, after: int = 0) -> tuple[list[str], int]:
+        """The Job's kept output, each line with its prefix: lines from `after` on, and how many there are."""
+        lines = await asyncio.to_thread(_JobLog.read, self._log_path(namespace, name))
+        return lines[after:], len(lines)
+
+    async def tail(self, namespace: str | None, name: str, count: int = LAST_LINES) -> list[str]:
+        lines, _total = await self.logs(namespace, name)
+        return lines[-count:]
 
     async def apply(self, document: dict[str, Any]) -> Applied:
         metadata = document.get("metadata") or {}
@@ -248,6 +350,7 @@ class LocalExecutor:
             backoff_limit=backoff_limit,
             active_deadline=float(deadline) if deadline is not None else None,
             marker=self._state / "jobs" / _safe(namespace) / _safe(name),
+            log_path=self._log_path(namespace, name),
         )
 
     async def _admit(self, job: _Job) -> Applied:
@@ -269,6 +372,9 @@ class LocalExecutor:
         task = asyncio.create_task(self._run(job), name=f"local-job-{applied.namespace}/{applied.name}")
         self._running.add(task)
         task.add_done_callback(self._running.discard)
+        key = self._key(applied.namespace, applied.name)
+        self._jobs[key] = task
+        task.add_done_callback(lambda _t: self._jobs.pop(key, None))
         return applied
 
     async def _fail_interrupted(self) -> None:
@@ -311,6 +417,9 @@ class LocalExecutor:
         loop = asyncio.get_running_loop()
         started = loop.time()
         state, reason = "failed", "Interrupted: the local executor stopped while the Job ran"
+        job_log = _JobLog(job.log_path)
+        _JOB_LOG.set(job_log)  # what is said in this task (and its containers' tasks) goes to the Job's log
+        key = self._key(job.applied.namespace, job.name)
         try:
             async with self._volumes(job) as volumes:
                 failure = await self._attempts(job, volumes)
@@ -319,6 +428,10 @@ class LocalExecutor:
             log.exception("local job crashed", job=job.name)
             reason = f"local executor error: {type(exc).__name__}: {exc}"
         finally:  # also when cancelled by close(): the Job did not finish
+            if key in self._cancelled:
+                reason = CANCELLED
+            elif state == "failed" and job_log.last:
+                reason = f"{reason}; last output: " + " | ".join(line[:300] for line in job_log.last)
             elapsed = loop.time() - started
             self._say(job.name, f"succeeded in {elapsed:.1f}s" if state == "succeeded" else f"failed: {reason}")
             await self._report(job, state, reason)
@@ -328,6 +441,8 @@ class LocalExecutor:
                 await asyncio.to_thread(_save, job.marker, record)
             except OSError as exc:
                 log.warning("local job outcome not recorded", job=job.name, error=str(exc))
+            job_log.close()
+            self._cancelled.discard(key)
 
     async def _attempts(self, job: _Job, volumes: dict[str, str]) -> str | None:
         """None on success, else the failure reason (`BackoffLimitExceeded: …`, `DeadlineExceeded: …`)."""
@@ -380,7 +495,8 @@ class LocalExecutor:
                 raise _CannotRun(f"container {name} has no command (the local executor cannot run an image's "
                                  "entrypoint)")
             argv = [expand(str(arg), env) for arg in [*spec["command"], *(spec.get("args") or [])]]
-            return _Container(name=name, prefix=prefix, argv=argv, env=env)
+            return _Container(name=name, prefix=prefix, argv=argv, env=env,
+                              job=self._key(job.applied.namespace, job.name))
 
         return [resolve(spec) for spec in init], [resolve(spec) for spec in main]
 
@@ -434,6 +550,7 @@ class LocalExecutor:
                 os.close(write_fd)  # the child has it: end of output is when its last holder exits
             self._record(process.pid, container)
             self._groups.add(process.pid)
+            self._job_groups.setdefault(container.job, set()).add(process.pid)
             output = asyncio.create_task(self._pump(reader, container.prefix))
             try:
                 code = await process.wait()
@@ -448,6 +565,7 @@ class LocalExecutor:
                         await process.wait()
                 _killpg(process.pid, signal.SIGKILL)  # whatever it started and left behind
                 self._groups.discard(process.pid)
+                self._job_groups.get(container.job, set()).discard(process.pid)
                 self._records.remove(process.pid)
                 with contextlib.suppress(TimeoutError):  # a child that left the group may hold the pipe
                     await asyncio.wait_for(output, OUTPUT_DRAIN_SECONDS)
@@ -471,9 +589,9 @@ class LocalExecutor:
             if len(pending) >= MAX_LINE_BYTES:
                 lines, pending = [*lines, pending], b""
             for line in lines:
-                self._say(prefix, line.decode(errors="replace").rstrip("\r"))
+                self._say(prefix, line.decode(errors="replace").rstrip("\r"), output=True)
         if pending:
-            self._say(prefix, pending.decode(errors="replace").rstrip("\r"))
+            self._say(prefix, pending.decode(errors="replace").rstrip("\r"), output=True)
 
     @contextlib.asynccontextmanager
     async def _volumes(self, job: _Job) -> AsyncIterator[dict[str, str]]:
@@ -509,6 +627,11 @@ class LocalExecutor:
         except Exception as exc:  # noqa: BLE001 — a lost status update must not stop the Job
             log.warning("job event not delivered", job=job.name, state=state, error=str(exc) or type(exc).__name__)
 
-    def _say(self, prefix: str, text: str) -> None:
-        self._out.write(f"[{prefix}] {text}\n")
+    def _say(self, prefix: str, text: str, output: bool = False) -> None:
+        """A line shown with its prefix, and kept in the Job's log when said while the Job runs."""
+        line = f"[{prefix}] {text}"
+        self._out.write(line + "\n")
         self._out.flush()
+        job_log = _JOB_LOG.get()
+        if job_log is not None:
+            job_log.write(line, output)
