@@ -164,6 +164,30 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return _once(status(settings, args.request_id, args.json, args.tree))
 
 
+def cmd_runs(args: argparse.Namespace, settings: Settings) -> int:
+    from cli.operator import parse_since
+    from cli.runs import runs
+
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        print(f"gitfaas runs: {exc}", file=sys.stderr)
+        return 2
+    return _once(runs(settings, args.topic, args.state, since, args.limit, args.json))
+
+
+def cmd_logs(args: argparse.Namespace, settings: Settings) -> int:
+    from cli.runs import logs
+
+    return _once(logs(settings, args.id, args.run, args.follow))
+
+
+def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    from cli.runs import cancel
+
+    return _once(cancel(settings, args.id))
+
+
 def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
     from cli.authoring import validate
 
@@ -231,10 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("data", nargs="?", default="", help="the body; - reads standard input")
     publish.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
                          help="a template parameter (repeatable)")
-    publish.add_argument("--wait", nargs="?", const="applied", choices=list(WAITS), metavar="STATE",
-                         help=f"wait until the request is {' or '.join(WAITS)} (alone: applied; put it after "
-                              "DATA) and print its status; exit 0 only if it got there, 1 if it ended failed, "
-                              "dead or cancelled, 3 at the timeout")
+    publish.add_argument("--wait", nargs="?", const="applied", choices=[*WAITS, "run"], metavar="STATE",
+                         help=f"wait until the request is {' or '.join(WAITS)}, or (run) until the whole run it "
+                              "starts is finished (alone: applied; put it after DATA) and print its status; exit 0 "
+                              "only if it got there, 1 if it ended failed, dead or cancelled, 3 at the timeout")
     publish.add_argument("--timeout", type=float, default=60.0, help="seconds --wait waits (default 60)")
     publish.set_defaults(func=cmd_publish)
 
@@ -243,10 +267,39 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  gitfaas status 3f0c2a9e-…\n  gitfaas status 3f0c2a9e-… --tree\n"
                "  gitfaas status 3f0c2a9e-… --json",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    status.add_argument("request_id")
+    status.add_argument("request_id", help="a request id, or a unique prefix of at least 8 characters")
     status.add_argument("--json", action="store_true", help="print the JSON document")
-    status.add_argument("--tree", action="store_true", help="follow children (the rest of the pipeline run)")
+    status.add_argument("--tree", action="store_true",
+                        help="the whole run it belongs to: every request, its state, timestamps and duration")
     status.set_defaults(func=cmd_status)
+
+    runs = sub.add_parser(
+        "runs", help="recent runs (a root request and everything published under it), newest first",
+        epilog="examples:\n  gitfaas runs\n  gitfaas runs --topic timeToCollect --state failed --since 1d",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    runs.add_argument("--topic", help="only runs started on this topic")
+    runs.add_argument("--state", choices=["running", "succeeded", "failed", "cancelled"],
+                      help="only runs in this state")
+    runs.add_argument("--since", help="only runs started since (30m, 1h, 2d or an ISO time)")
+    runs.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+    runs.add_argument("--json", action="store_true", help="print JSON")
+    runs.set_defaults(func=cmd_runs)
+
+    logs_ = sub.add_parser(
+        "logs", help="the output of a request's Jobs (--run: of the whole run), each line prefixed by its Job",
+        epilog="examples:\n  gitfaas logs 3f0c2a9e\n  gitfaas logs 3f0c2a9e --run --follow",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    logs_.add_argument("id", help="a request id, or a unique prefix of at least 8 characters")
+    logs_.add_argument("--run", action="store_true", help="every Job of the run the request belongs to")
+    logs_.add_argument("--follow", "-f", action="store_true", help="keep printing new output until it is finished")
+    logs_.set_defaults(func=cmd_logs)
+
+    cancel = sub.add_parser(
+        "cancel", help="cancel a run: its unfinished requests become cancelled, its active Jobs are deleted",
+        epilog="examples:\n  gitfaas cancel 3f0c2a9e      # the run, or the run a request belongs to",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    cancel.add_argument("id", help="a run or request id, or a unique prefix of at least 8 characters")
+    cancel.set_defaults(func=cmd_cancel)
 
     validate = sub.add_parser(
         "validate", help="check a pipeline repository as the consumer would; exit 1 listing every problem",

@@ -6,6 +6,7 @@ settings and returns an exit code.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import sys
@@ -196,8 +197,8 @@ async def publish(settings: Settings, topic: str, data: bytes, params: list[tupl
     except InvalidName as exc:
         print(f"gitfaas publish: {exc}", file=sys.stderr)
         return 2
-    if wait is not None and wait not in WAITS:
-        print(f"gitfaas publish: --wait takes {' or '.join(WAITS)}, not {wait!r}", file=sys.stderr)
+    if wait is not None and wait not in (*WAITS, "run"):
+        print(f"gitfaas publish: --wait takes {', '.join(WAITS)} or run, not {wait!r}", file=sys.stderr)
         return 2
     if len(data) > settings.max_payload_bytes:
         print(f"gitfaas publish: {too_large(settings.max_payload_bytes)}", file=sys.stderr)
@@ -216,8 +217,11 @@ async def publish(settings: Settings, topic: str, data: bytes, params: list[tupl
         if wait is None:
             return 0
         _config, requests = await natsconn.ensure_buckets(js, settings)
-        reached, document = await StatusStore(requests).wait(request_id, WAITS[wait], timeout)
-        if document is not None:
+        if wait == "run":
+            reached, document = await _wait_run(nc, js, settings, StatusStore(requests), request_id, timeout, out)
+        else:
+            reached, document = await StatusStore(requests).wait(request_id, WAITS[wait], timeout)
+        if document is not None and wait != "run":
             print_status(document, out)
         code = wait_status(reached, document)
         sentence = wait_sentence(wait, code, document, timeout)
@@ -229,6 +233,26 @@ async def publish(settings: Settings, topic: str, data: bytes, params: list[tupl
         return 1
     finally:
         await nc.close()
+
+
+async def _wait_run(nc: Client, js: JetStreamContext, settings: Settings, store: StatusStore, request_id: str,
+                    timeout: float, out: TextIO) -> tuple[bool, dict[str, Any] | None]:
+    """`--wait run`: until the run this request belongs to is finished; prints the run."""
+    from cli.runs import print_run_tree
+    from gitfaas.runs import RunStore, ensure_runs_bucket, is_run_finished, run_view
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    known, document = await store.wait(request_id, lambda d: bool(d.get("root")), timeout)
+    if not known or document is None:
+        return False, document
+    runs = RunStore(await ensure_runs_bucket(js, settings), nc)
+    reached, run = await runs.wait(document["root"], is_run_finished, max(0.001, deadline - loop.time()))
+    if run is None:
+        return False, {"request_id": request_id, "state": "running"}
+    view = await run_view(store, run)
+    print_run_tree(view, out)
+    return reached, {**view, "request_id": view["run_id"]}
 
 
 def print_status(document: dict[str, Any], out: TextIO, indent: str = "") -> None:
@@ -250,14 +274,32 @@ def print_status(document: dict[str, Any], out: TextIO, indent: str = "") -> Non
 
 async def status(settings: Settings, request_id: str, as_json: bool, tree: bool,
                  out: TextIO = sys.stdout) -> int:
+    from cli.runs import print_run_tree
+    from gitfaas.runs import AmbiguousId, RunStore, UnknownId, ensure_runs_bucket, find_request, find_run, run_view
+
     nc = await _connect(settings)
     try:
-        _config, requests = await natsconn.ensure_buckets(nc.jetstream(), settings)
+        js = nc.jetstream()
+        _config, requests = await natsconn.ensure_buckets(js, settings)
         store = StatusStore(requests)
-        document = await store.get(request_id)
-        if document is None:
-            print(f"gitfaas status: request {request_id} is unknown or its status has expired", file=sys.stderr)
+        runs = RunStore(await ensure_runs_bucket(js, settings), nc)
+        try:  # an id, or a unique prefix of at least 8 characters
+            found = await find_request(store, runs, request_id)
+        except (UnknownId, AmbiguousId) as exc:
+            print(f"gitfaas status: {exc}", file=sys.stderr)
             return 1
+        document = found.document
+        if tree:  # the whole run the request belongs to, with its timestamps (§11)
+            try:
+                view = await run_view(store, await find_run(store, runs, found.request_id))
+            except UnknownId:
+                view = None  # recorded before runs were kept: follow the children instead
+            if view is not None:
+                if as_json:
+                    print(json.dumps(view, indent=2), file=out)
+                else:
+                    print_run_tree(view, out)
+                return 0
         if tree:
             document = await _with_children(store, document, depth=0)
         if as_json:

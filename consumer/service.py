@@ -28,6 +28,7 @@ from consumer.executors.base import Applied, Executor
 from consumer.executors.factory import make_executor
 from consumer.pull import ContinuousPull
 from consumer.repository import Repository
+from consumer.runs import ConsumerRuns
 from consumer.tracking import RequestTracker
 from consumer.variables import function_uid
 from gitfaas import natsconn
@@ -37,7 +38,7 @@ from gitfaas.message import Inbound, read_request_headers
 from gitfaas.metrics import metrics_view
 from gitfaas.replay import replay_request
 from gitfaas.settings import Settings
-from gitfaas.status import Claim, StatusStore
+from gitfaas.status import Claim
 from gitfaas.subjects import (
     HEADER_ATTEMPTS,
     HEADER_BODY_OMITTED,
@@ -87,6 +88,7 @@ class Consumer:
         self.executor = executor or make_executor(settings)
         self.repository = Repository(settings)
         self.tracker = RequestTracker(retries_of=self._retries_of, retry=self._rerun)
+        self.runs = ConsumerRuns(self)  # §11: runs, cancel, logs, schedules
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
         self._pull: ContinuousPull | None = None
@@ -111,7 +113,7 @@ class Consumer:
         s = self.settings
         self._stopping = False
         await self._connect()
-        await self.executor.start(self.tracker)
+        await self.executor.start(self.runs.events(self.tracker))
         await self.refresh()
         await self._start_http()
         await self._serve_nats()
@@ -134,7 +136,7 @@ class Consumer:
             await nc.close()
             raise
         self.nc, self.js = nc, js
-        self.tracker.store = StatusStore(requests_kv, max_bytes=nc.max_payload)
+        self.tracker.store = await self.runs.connect(nc, js, requests_kv)
         self._nats_lost_at = None
 
     async def _serve_nats(self) -> None:
@@ -145,6 +147,7 @@ class Consumer:
         self._pull = ContinuousPull(self.nc, s.stream, s.durable, s.max_concurrency)
         await self._pull.start()
         self._dispatcher = asyncio.create_task(self._dispatch(self._pull), name="consumer-dispatch")
+        await self.runs.serve(self.nc)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop taking messages, let in-flight ones finish (up to `grace`), give back the rest."""
@@ -164,6 +167,7 @@ class Consumer:
                 await asyncio.wait(pending, timeout=2)
         if self._http is not None:
             await self._http.cleanup()
+        await self.runs.stop()
         # Before NATS closes: the executor's last reports (e.g. local Jobs interrupted) still land.
         await self.executor.close()
         if self.nc is not None and not self.nc.is_closed:
@@ -286,12 +290,18 @@ class Consumer:
         try:
             # The id is this message's before anything of it is applied: a message reusing another's
             # id is refused here, so its objects never carry that id and its status never lands there.
+            self.runs.message_time(inbound.published_at, msg)
             claim = await self.tracker.claim(request_id, topic=topic, stream_seq=seq, parent=inbound.parent,
                                              retry=inbound.retry)
             if claim.owner is not None:
                 inbound = Inbound(request_id=f"seq-{seq}", published_at=inbound.published_at)
                 raise PermanentError(f"{HEADER_REQUEST_ID} {request_id} already belongs to stream message "
                                      f"{claim.owner}; a request id is used by one message only")
+            if self.runs.cancelled(claim):  # its run was cancelled: recorded so, nothing of it applied
+                log.info("not applied: its run was cancelled")
+                await _settle(msg.ack())
+                self.handled += 1
+                return
             applied = await self._process(msg, config, topic, request_id, seq)
         except PermanentError as exc:
             await self._give_up(msg, topic, inbound, str(exc))

@@ -12,7 +12,10 @@ Production code talks to it over real HTTP exactly as to a cluster (kubeconfig �
   ``watch=True`` as sent by kubernetes_asyncio (kmock knows only ``watch=true``), ``timeoutSeconds``;
 * speed: kmock's DSL matching is O(recorded requests) per request (≈40 → 3 applies/s after a few hundred),
   so resource requests bypass it while no test-defined kmock reactions exist (``_DirectDispatch``);
-* fault injection for robustness tests.
+* fault injection for robustness tests;
+* ``pods/log`` (text a test gives with ``EmulatorHandle.add_pod``, ``tailLines`` honoured) and the
+  background propagation of a Job's deletion to its pods (label ``job-name``), as the garbage
+  collector does (``deletions`` records each deletion and its ``propagationPolicy``).
 
 Apply semantics are "one field manager owns everything": the applied manifest replaces the object's
 content (so removed labels disappear), while server-populated metadata and ``status`` are preserved.
@@ -197,6 +200,8 @@ class Emulator(kmock.KubernetesEmulator, _DirectDispatch):
     """kmock's emulator with SSA, typed lists, selectors, server metadata, and fault injection."""
 
     faults: list[Fault] = attrs.field(factory=list)
+    pod_logs: dict[tuple[str | None, str, str], str] = attrs.field(factory=dict)  # (ns, pod, container) -> text
+    deletions: list[tuple[str, str | None, str, str | None]] = attrs.field(factory=list)  # (plural, ns, name, policy)
     require_field_manager: bool = True  # a real API server rejects apply without ?fieldManager= (422)
     _rv: int = attrs.field(default=0, init=False)
     _builtin_reactions: int = attrs.field(default=0, init=False)
@@ -292,6 +297,12 @@ class Emulator(kmock.KubernetesEmulator, _DirectDispatch):
             if fault.delay:
                 await asyncio.sleep(fault.delay)  # a hung API server, not test synchronisation
             return fault.render()
+        if request.resource is not None and request.resource.plural == "pods" and request.subresource == "log":
+            return await self._serve_pod_log(request)
+        if request.resource is not None and request.action == kmock.action.DELETE and request.name:
+            response = await super()._handle(request)
+            await self._propagate_deletion(request)
+            return response
         # kmock recognises only `watch=true`; kubernetes_asyncio sends `watch=True` (Go's ParseBool: both).
         if request.resource is not None and request.method == "GET" and request.params.get("watch") in TRUES:
             object.__setattr__(request, "action", kmock.action.WATCH)  # frozen; fixed for the record too
@@ -310,6 +321,36 @@ class Emulator(kmock.KubernetesEmulator, _DirectDispatch):
             # The state is changed; serve the response (fallback: the object) skipping kmock's mutation.
             return await _DirectDispatch._handle(self, request)
         return await super()._handle(request)
+
+    async def _serve_pod_log(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        """``GET …/pods/<name>/log``: the text a test gave, as ``text/plain`` (``tailLines``, ``container``)."""
+        key = (request.resource, request.namespace, request.name)
+        if key not in self.objects or self.objects[key].deleted:
+            return Fault(404, message=f'pods "{request.name}" not found').render()
+        containers = [c.get("name") for c in (self.objects[key].raw.get("spec") or {}).get("containers") or []]
+        container = request.params.get("container") or (containers[0] if containers else "")
+        text = self.pod_logs.get((request.namespace, str(request.name), str(container)), "")
+        tail = request.params.get("tailLines")
+        if tail:
+            text = "".join(line + "\n" for line in text.splitlines()[-int(tail):])
+        return aiohttp.web.Response(text=text, content_type="text/plain")
+
+    async def _propagate_deletion(self, request: kmock.Request) -> None:
+        """A deleted Job's pods go too, unless the deletion said ``Orphan`` (the garbage collector's work)."""
+        assert request.resource is not None
+        data = request.data if isinstance(request.data, Mapping) else {}
+        policy = request.params.get("propagationPolicy") or data.get("propagationPolicy")
+        self.deletions.append((str(request.resource.plural), request.namespace, str(request.name), policy))
+        if request.resource.plural != "jobs" or policy == "Orphan":
+            return
+        pods = _resource("v1", "pods")
+        async with self._lock:
+            for (resource, namespace, _name), obj in list(self.objects.items()):
+                if resource != pods or namespace != request.namespace or obj.deleted:
+                    continue  # (a deleted object has no raw form)
+                if ((obj.raw.get("metadata") or {}).get("labels") or {}).get("job-name") == request.name:
+                    obj.delete()
+                    await self._buses[pods].put({"type": "DELETED", "object": obj.last.raw})
 
     async def _merge(self, request: kmock.Request) -> None:
         """Merge/strategic-merge patches: kmock's merge, plus resourceVersion & generation bumps."""
@@ -544,6 +585,22 @@ class EmulatorHandle:
         """Act as the Job controller: set ``status`` (conditions etc.), emitting a MODIFIED event."""
         status = job_status(condition, reason=reason, message=message, **fields)
         return await self.emulator.set_status("batch/v1", "jobs", namespace, name, status)
+
+    async def add_pod(self, job_name: str, logs: str | Mapping[str, str] = "", namespace: str = "default",
+                      name: str | None = None) -> dict[str, Any]:
+        """Act as the Job controller: a pod of the Job (label ``job-name``), whose containers printed ``logs``
+        (one text, or one per container name)."""
+        texts = {"main": logs} if isinstance(logs, str) else dict(logs)
+        name = name or f"{job_name}-{secrets.token_hex(3)[:5]}"
+        body = {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": namespace,
+                             "labels": {"job-name": job_name, "batch.kubernetes.io/job-name": job_name}},
+                "spec": {"restartPolicy": "Never", "containers": [{"name": c, "image": "busybox"} for c in texts]}}
+        async with self.api_client() as api:
+            created = await k8s_client.CoreV1Api(api).create_namespaced_pod(namespace, body)
+        for container, text in texts.items():
+            self.emulator.pod_logs[(namespace, name, container)] = text
+        return created.to_dict()
 
     @contextlib.asynccontextmanager
     async def api_client(self) -> AsyncIterator[k8s_client.ApiClient]:
