@@ -52,6 +52,10 @@ CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResou
 #                                                                                    jobs: create
 #   consumer/jobwatch.py  JobWatcher._list   BatchV1Api.list_namespaced_job          jobs: list
 #   consumer/jobwatch.py  JobWatcher._watch  Watch().stream(list_namespaced_job)     jobs: watch
+#   consumer/executors/k8sjobs.py  KubernetesJobs.cancel_job  BatchV1Api.delete_namespaced_job
+#                                     (propagationPolicy Background)                 jobs: delete
+#   consumer/executors/k8sjobs.py  KubernetesJobs._pods  CoreV1Api.list_namespaced_pod  pods: list
+#   consumer/executors/k8sjobs.py  KubernetesJobs._log   CoreV1Api.read_namespaced_pod_log  pods/log: get
 #
 # Not in the table: API discovery (DynamicClient resources.get: GET /api, /apis, /apis/batch/v1;
 # KubernetesExecutor._why_unknown: DynamicClient.request("GET", "/apis/<group>/<version>")),
@@ -60,6 +64,9 @@ CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResou
 API_CALLS: dict[str, set[tuple[str, str, str]]] = {
     "server_side_apply": {("batch", "jobs", "patch"), ("batch", "jobs", "create")},
     "list_namespaced_job": {("batch", "jobs", "list"), ("batch", "jobs", "watch")},
+    "delete_namespaced_job": {("batch", "jobs", "delete")},
+    "list_namespaced_pod": {("", "pods", "list")},
+    "read_namespaced_pod_log": {("", "pods/log", "get")},
 }
 REQUIRED_GRANTS = set().union(*API_CALLS.values())
 
