@@ -21,6 +21,7 @@ from gitfaas.runs import (
     RUN_STATES,
     AmbiguousId,
     Found,
+    RunIndex,
     UnknownId,
     cancel_run,
     control_logs,
@@ -59,6 +60,7 @@ def id_error(exc: LookupError) -> web.Response:
 class RunRoutes:
     def __init__(self, bridge: Any) -> None:
         self.bridge = bridge  # bridge.app.Bridge (not imported: it imports this module)
+        self.index: RunIndex | None = None  # GET /runs answers from memory, kept up to date incrementally
 
     def add(self, app: web.Application) -> None:
         app.router.add_get("/runs", self.list_runs)
@@ -113,7 +115,9 @@ class RunRoutes:
         except ValueError as exc:
             return json_error(400, str(exc))
         assert self.bridge.runs is not None
-        runs = await self.bridge.runs.list(topic=query.get("topic") or None, state=state, since=since, limit=limit)
+        if self.index is None or self.index.store is not self.bridge.runs:  # (a new connection: a new store)
+            self.index = RunIndex(self.bridge.runs)
+        runs = await self.index.list(topic=query.get("topic") or None, state=state, since=since, limit=limit)
         return web.json_response({"runs": runs})
 
     async def get_run(self, request: web.Request) -> web.Response:

@@ -139,6 +139,7 @@ def evaluate(run: dict[str, Any], now: str) -> None:
     published by one of its Jobs has not been handled; then `failed` (naming the first failed
     step), `succeeded`, or `cancelled`."""
     before = run.get("state")
+    run["updated_at"] = now  # listing stops at the first run last changed before its `since`
     entries: dict[str, dict[str, Any]] = run.get("requests") or {}
     if run.get("cancelled"):
         state = "cancelled"
@@ -217,26 +218,28 @@ async def direct_batch(nc: Client, stream: str, *, seq: int, batch: int, subject
     request: JetStream's batched direct get (the stream must allow direct gets)."""
     if batch <= 0:
         return []
+    found: list[Msg] = []
+    over = asyncio.get_running_loop().create_future()
+
+    async def collect(msg: Msg) -> None:
+        if over.done():
+            return
+        if (msg.headers or {}).get("Status"):  # 204 end of batch, 404 nothing there, 408 ...: the batch is over
+            over.set_result(None)
+            return
+        found.append(msg)
+        if len(found) >= batch:
+            over.set_result(None)
+
     inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
+    sub = await nc.subscribe(inbox, cb=collect)
     request: dict[str, Any] = {"seq": max(1, seq), "batch": batch}
     if subject:
         request["next_by_subj"] = subject
-    found: list[Msg] = []
     try:
         await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            msg = await sub.next_msg(timeout=max(0.001, deadline - loop.time()))
-            headers = msg.headers or {}
-            if headers.get("Status"):  # 204 end of batch, 404 nothing there, 408 ...: the batch is over
-                break
-            found.append(msg)
-            if len(found) >= batch:
-                break
-    except NatsTimeoutError:
-        pass
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(over, timeout)
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
@@ -372,17 +375,17 @@ class RunStore:
         subject = f"$KV.{RUNS_BUCKET}.run.>"
         while end >= first and len(found) < limit and scanned < max_scan:
             start = max(first, end - window + 1)
-            msgs = [m for m in await direct_batch(self.nc, RUNS_STREAM, seq=start, batch=end - start + 1,
-                                                  subject=subject) if _sequence(m) <= end]
+            msgs = await self._range(start, end, subject)
             scanned += len(msgs)
             older = False
             for msg in reversed(msgs):
-                if since is not None and (stamp := _timestamp(msg)) is not None and stamp < since:
-                    older = True  # changed last before `since`, so started before it too
-                    break
                 if not msg.data:
                     continue
                 run = json.loads(msg.data)
+                changed = parse_time(run.get("updated_at")) or _timestamp(msg)
+                if since is not None and changed is not None and changed < since:
+                    older = True  # changed last before `since` (and so were all before it): started before it
+                    break
                 run_id = run.get("run_id")
                 if not run_id or run_id in found:
                     continue
@@ -401,6 +404,20 @@ class RunStore:
             end = start - 1
             window = min(window * 2, 4096)
         return sorted(found.values(), key=lambda r: r.get("started_at") or "", reverse=True)
+
+    async def _range(self, start: int, end: int, subject: str, chunk: int = 256) -> list[Msg]:
+        """The entries on `subject` stored between two sequences, oldest first (batched direct gets,
+        a chunk at a time: a batch runs on past `end` when there are gaps)."""
+        found: list[Msg] = []
+        cursor = start
+        while cursor <= end:
+            msgs = await direct_batch(self.nc, RUNS_STREAM, seq=cursor, batch=min(chunk, end - cursor + 1),
+                                      subject=subject)
+            found.extend(m for m in msgs if _sequence(m) <= end)
+            if len(msgs) < min(chunk, end - cursor + 1) or not msgs or _sequence(msgs[-1]) >= end:
+                break
+            cursor = _sequence(msgs[-1]) + 1
+        return found
 
     async def wait(self, run_id: str, done: Callable[[dict[str, Any]], bool], timeout: float
                    ) -> tuple[bool, dict[str, Any] | None]:
@@ -579,3 +596,77 @@ async def cancel_run(status: StatusStore, runs: RunStore, nc: Client, subject_pr
         outcome.error = (f"no consumer answered ({type(exc).__name__}): the run's requests are cancelled, but its "
                          f"{len(jobs)} active Job(s) were not deleted; cancel again once a consumer runs")
     return outcome
+
+
+# ---- a reader's view of the index --------------------------------------------------------------
+
+MAX_CACHED_RUNS = 50_000
+
+
+class RunIndex:
+    """The newest `MAX_CACHED_RUNS` runs' summaries, in memory, kept up to date incrementally from the
+    runs bucket's stream: each listing first reads the entries written since the last one (batched
+    direct gets, usually none or a few), then filters in memory. For a service answering `GET /runs`
+    many times (the bridge); a listing that wants older runs than it holds falls back to the scan."""
+
+    def __init__(self, store: RunStore, capacity: int = MAX_CACHED_RUNS) -> None:
+        self.store = store
+        self.capacity = capacity
+        self.rows: dict[str, tuple[datetime | None, dict[str, Any]]] = {}  # run id -> (changed, summary)
+        self.seq = 0  # the last stream sequence read
+        self.complete = False  # holds every run of the bucket (the stream was read from its start)
+        self._lock = asyncio.Lock()
+
+    def _take(self, msg: Msg) -> None:
+        if not msg.data:
+            return
+        run = json.loads(msg.data)
+        run_id = run.get("run_id")
+        if not run_id:
+            return
+        self.rows.pop(run_id, None)  # re-inserted last: most recently changed last
+        self.rows[run_id] = (parse_time(run.get("updated_at")) or _timestamp(msg), summary(run))
+        if len(self.rows) > self.capacity:
+            del self.rows[next(iter(self.rows))]
+            self.complete = False
+
+    async def refresh(self) -> None:
+        async with self._lock:
+            js = self.store.nc.jetstream()
+            info = await js.stream_info(RUNS_STREAM)
+            first, last = info.state.first_seq or 1, info.state.last_seq or 0
+            subject = f"$KV.{RUNS_BUCKET}.run.>"
+            if self.seq == 0 or self.seq < first - 1:  # first load: the newest runs, read backwards
+                self.rows.clear()
+                loaded: list[Msg] = []
+                end, window = last, 1024
+                while end >= first and len(loaded) < self.capacity:
+                    start = max(first, end - window + 1)
+                    loaded[:0] = await self.store._range(start, end, subject)
+                    end, window = start - 1, min(window * 2, 16384)
+                for msg in loaded:
+                    self._take(msg)
+                self.complete = end < first
+            elif last > self.seq:
+                for msg in await self.store._range(self.seq + 1, last, subject, chunk=1024):
+                    self._take(msg)
+            self.seq = max(self.seq, last)
+
+    async def list(self, *, topic: str | None = None, state: str | None = None, since: datetime | None = None,
+                   limit: int = DEFAULT_LIST_LIMIT) -> list[dict[str, Any]]:
+        await self.refresh()
+        found = []
+        for changed, row in reversed(self.rows.values()):
+            if since is not None and changed is not None and changed < since:
+                break
+            if (topic is not None and row.get("topic") != topic) or (state is not None and row.get("state") != state):
+                continue
+            started = parse_time(row.get("started_at"))
+            if since is not None and started is not None and started < since:
+                continue
+            found.append(row)
+            if len(found) >= limit:
+                break
+        if len(found) < limit and not self.complete and len(self.rows) >= self.capacity:
+            return await self.store.list(topic=topic, state=state, since=since, limit=limit)
+        return sorted(found, key=lambda r: r.get("started_at") or "", reverse=True)

@@ -288,3 +288,40 @@ async def test_topics_show_the_next_tick_of_schedules(nats_server: EmbeddedNats,
     assert nightly["schedule"] == "0 3 * * *" and nightly["timezone"] == "Europe/Paris"
     assert nightly["next_tick"].endswith(("01:00:00.000Z", "02:00:00.000Z")) and nightly["message"] == {"rows": 5}
     assert "next_tick" not in plain
+
+
+def test_validate_checks_schedules(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    def validate(topics: list[dict[str, Any]]) -> subprocess.CompletedProcess[str]:
+        folder = tmp_path / f"repo{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"topics": topics}))
+        (folder / "job.yaml").write_text(job_manifest("job").replace("echo $MESSAGE", "echo {{who}}"))
+        return subprocess.run([sys.executable, "-m", "cli", "validate", str(folder)], capture_output=True,
+                              text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
+
+    ok = validate([{"name": "t", "configs": ["job.yaml"], "schedule": "*/5 * * * *", "timezone": "Europe/Paris",
+                    "params": {"who": "cron"}}])
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    bad = validate([{"name": "t", "configs": ["job.yaml"], "schedule": "61 * * * *", "params": {"who": "x"}}])
+    assert bad.returncode == 1 and "schedule" in bad.stdout + bad.stderr and "61 * * * *" in bad.stdout + bad.stderr
+    zone = validate([{"name": "t", "configs": ["job.yaml"], "schedule": "0 * * * *", "timezone": "Mars/Olympus",
+                      "params": {"who": "x"}}])
+    assert zone.returncode == 1 and "Mars/Olympus" in zone.stdout + zone.stderr
+    needs = validate([{"name": "t", "configs": ["job.yaml"], "schedule": "0 * * * *"}])
+    assert needs.returncode == 1 and "needs a default" in needs.stdout + needs.stderr and "who" in needs.stdout
+
+
+async def test_cli_publish_waits_for_the_run(chain: Stack, k8s: EmulatorHandle) -> None:
+    import io
+
+    from cli.operator import publish as cli_publish
+
+    out = io.StringIO()
+    waiting = asyncio.create_task(cli_publish(chain.settings, "a", b"cli", [], "run", 30.0, out=out))
+    job = await wait_for(lambda: [j for j in k8s.jobs() if j["metadata"]["name"].startswith("a-")], message="a's Job")
+    await k8s.set_job_status(job[0]["metadata"]["name"], condition="Complete")
+    assert await waiting == 0, out.getvalue()
+    assert "succeeded" in out.getvalue() and "steps 1" in out.getvalue()
