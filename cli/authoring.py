@@ -6,19 +6,23 @@ loads in the consumer, and `render` prints exactly what the consumer would apply
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import tempfile
 import uuid
 from difflib import get_close_matches
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import yaml
 
+from consumer.checks import dry_run_report, rule_problems, schema_problems
 from consumer.configuration import Configuration, ConfigurationError, Topic, load_configuration
 from consumer.documents import Request, render_request
 from consumer.errors import PermanentError
+from consumer.executors.base import NoJobEvents
+from consumer.executors.kubernetes import KubernetesExecutor
 from consumer.gitsync import GitSync, GitSyncError, content_hash
 from consumer.locate import ManifestLines
 from consumer.prepare import PolicyError, Stamp, prepare
@@ -76,11 +80,14 @@ class _Lines:
 
 
 def sample_problems(settings: Settings, config: Configuration, root: Path | None = None,
-                    warnings: list[str] | None = None) -> list[str]:
+                    warnings: list[str] | None = None, kubernetes_version: str | None = None,
+                    kubernetes: bool = True) -> list[str]:
     """What the consumer would refuse once messages arrive, found now: every document rendered with
-    sample values and checked against policy, and every variable's name checked for a misspelling.
+    sample values and checked against policy, the Kubernetes schemas of `kubernetes_version` and the
+    rules the schemas miss (`consumer.checks`), and every variable's name checked for a misspelling.
 
     With the repository's `root`, each problem names the line of the offending key or variable.
+    `kubernetes=False` leaves out the schemas and the rules (what gitfaas itself checks, alone).
     Parameters no built-in or `params` entry declares are added to `warnings` (when given).
     """
     problems: list[str] = []
@@ -105,13 +112,46 @@ def sample_problems(settings: Settings, config: Configuration, root: Path | None
             known = {name: values.value(name, ordinal) for name in doc.variables}
             sample = {name: value if value is not None else SAMPLE for name, value in known.items()}
             try:
-                prepare(doc.render(sample), ordinal=ordinal, stamp=stamp,
-                        namespace=topic.namespace or settings.kube_namespace, settings=settings)
+                rendered = prepare(doc.render(sample), ordinal=ordinal, stamp=stamp,
+                                   namespace=topic.namespace or settings.kube_namespace, settings=settings)
             except PolicyError as exc:
                 problems.append(f"{doc.source}:{lines.key(doc, exc.path)}: topic {topic.name}: {exc}")
+                continue
             except RenderError as exc:
                 problems.append(f"{doc.source}:{doc.line}: topic {topic.name}: {exc}")
+                continue
+            if not kubernetes:
+                continue
+            uses_sample = any(value is None for value in known.values())
+            found, cautions = _kubernetes_problems(rendered, kubernetes_version, uses_sample)
+            problems += [f"{doc.source}:{lines.key(doc, path)}: topic {topic.name}: {text}" for path, text in found]
+            if warnings is not None:
+                warnings += [f"{doc.source}:{lines.key(doc, path)}: topic {topic.name}: {text}"
+                             for path, text in cautions]
     return problems
+
+
+Located = list[tuple[tuple[Any, ...], str]]
+
+
+def _kubernetes_problems(document: dict[str, Any], version: str | None, uses_sample: bool) -> tuple[Located, Located]:
+    """(problems, warnings), each with its key path: what the API server would refuse in one rendered
+    document (the rules the schemas miss, then the schema of its kind)."""
+    kind, name = document.get("kind"), (document.get("metadata") or {}).get("name")
+    found: Located = [(path, text) for path, text in rule_problems(document)]
+    cautions: Located = []
+    schema, unchecked = schema_problems(document, version)
+    if unchecked:
+        cautions.append(((), f"{kind} {name}: schema not checked: {unchecked}"))
+    for path, text, value in schema:
+        where = tuple(int(part) if part.isdigit() else part for part in path)
+        sentence = f"{kind} {name} does not match the Kubernetes schema: {text}"
+        if uses_sample and isinstance(value, str) and SAMPLE in value:
+            # A parameter without a default: its real values may well fit.
+            cautions.append((where, f"{sentence} (with the sample value {SAMPLE!r} for a parameter without a default)"))
+        else:
+            found.append((where, sentence))
+    return found, cautions
 
 
 def _check_name(name: str, topic: Topic) -> tuple[str | None, str | None]:
@@ -143,7 +183,9 @@ def describe_parameters(topic: Topic) -> str | None:
         for name in names)
 
 
-def validate(settings: Settings, repo: str, out: TextIO = sys.stdout) -> int:
+def validate(settings: Settings, repo: str, out: TextIO = sys.stdout, *, cluster: bool = False,
+             kubernetes_version: str | None = None, kubernetes: bool = True) -> int:
+    """`gitfaas validate`; `kubernetes=False` leaves the schemas and rules out (see `sample_problems`)."""
     warnings: list[str] = []
     try:
         config, root = load_with_root(settings, repo)
@@ -152,7 +194,22 @@ def validate(settings: Settings, repo: str, out: TextIO = sys.stdout) -> int:
     except GitSyncError as exc:
         problems = [str(exc)]
     else:
-        problems = sample_problems(settings, config, root, warnings)
+        try:
+            problems = sample_problems(settings, config, root, warnings, kubernetes_version, kubernetes)
+        except ValueError as exc:  # e.g. a Kubernetes version kubernetes-validate has no schemas for
+            print(f"gitfaas validate: {getattr(exc, 'message', None) or exc}", file=sys.stderr)
+            return 2
+        if cluster and not problems:
+            found, cluster_warnings, unchecked = asyncio.run(_cluster_report(settings, config))
+            problems += found
+            warnings += cluster_warnings
+            if unchecked:
+                print(f"gitfaas validate: the cluster could not check everything: {unchecked}", file=sys.stderr)
+                for warning in warnings:
+                    print(f"warning: {warning}", file=out)
+                for problem in problems:
+                    print(problem, file=out)
+                return 1
         for warning in warnings:
             print(f"warning: {warning}", file=out)
         if not problems:
@@ -166,6 +223,19 @@ def validate(settings: Settings, repo: str, out: TextIO = sys.stdout) -> int:
         print(problem, file=out)
     print(f"{len(problems)} problem(s) in {repo}", file=out)
     return 1
+
+
+async def _cluster_report(settings: Settings, config: Configuration) -> tuple[list[str], list[str], str | None]:
+    """Server-side dry-run applies of every document, as the consumer's own executor sends them."""
+    executor = KubernetesExecutor(settings.replace(executor="kubernetes"))
+    try:
+        await executor.start(NoJobEvents(), watch_jobs=False)
+    except Exception as exc:  # noqa: BLE001 — no kubeconfig, cluster unreachable…: one line
+        return [], [], f"{type(exc).__name__}: {exc}"
+    try:
+        return await dry_run_report(settings, config, executor)
+    finally:
+        await executor.close()
 
 
 def render(settings: Settings, repo: str, topic: str, message: bytes, params: dict[str, str],

@@ -191,7 +191,7 @@ def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
     from cli.authoring import validate
 
-    return validate(settings, args.repo)
+    return validate(settings, args.repo, cluster=args.cluster, kubernetes_version=args.kubernetes_version)
 
 
 def cmd_render(args: argparse.Namespace, settings: Settings) -> int:
@@ -303,10 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser(
         "validate", help="check a pipeline repository as the consumer would; exit 1 listing every problem",
-        epilog="examples:\n  gitfaas validate examples/pipeline\n  BANNED_KINDS='Secret Role' gitfaas validate .",
+        epilog="examples:\n  gitfaas validate examples/pipeline\n  BANNED_KINDS='Secret Role' gitfaas validate .\n"
+               "  KUBECONFIG=~/.kube/config KUBE_NAMESPACE=gitfaas gitfaas validate --cluster .",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     validate.add_argument("repo", nargs="?", default=os.environ.get("GIT_URL") or ".",
                           help="directory (checked as it is on disk) or git URL (default: GIT_URL or .)")
+    validate.add_argument("--cluster", action="store_true",
+                          help="also send every document as a server-side dry-run apply to the cluster of "
+                               "KUBECONFIG (or the pod's service account): what the API server itself refuses")
+    validate.add_argument("--kubernetes-version", metavar="X.Y", default=None,
+                          help="the Kubernetes version whose schemas documents are checked against "
+                               "(default: the newest bundled by kubernetes-validate)")
     validate.set_defaults(func=cmd_validate)
 
     render = sub.add_parser(

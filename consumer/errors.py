@@ -9,7 +9,12 @@ from __future__ import annotations
 
 
 class HandlingError(Exception):
-    """Base: the message says what failed, safe to log and store."""
+    """Base: the message says what failed, safe to log and store.
+
+    `applied` lists what of the message was applied before the failure (its status shows them).
+    """
+
+    applied: tuple[object, ...] = ()
 
 
 class TransientError(HandlingError):

@@ -24,3 +24,7 @@ STREAM_ACK_PENDING = Gauge("gitfaas_jetstream_ack_pending", "Messages delivered 
 STREAM_REDELIVERED = Gauge("gitfaas_jetstream_redelivered", "Messages JetStream is redelivering now")
 STALLED = Gauge("gitfaas_consumer_stalled",
                 "1 while messages wait but nothing has been applied for STALL_SECONDS")
+API_THROTTLED = Counter("gitfaas_consumer_api_throttled_total",
+                        "429 Too Many Requests answers from the API server (every apply then waits Retry-After)")
+APPLY_LIMIT = Gauge("gitfaas_consumer_apply_limit", "Applies the executor lets run at once (halved on a 429)")
+API_WARNINGS = Counter("gitfaas_consumer_api_warnings_total", "Warning headers in the API server's answers to applies")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ class Repository:
         self.error: str | None = None
         self.bucket: KeyValue | None = None
         self._lock = asyncio.Lock()
+        # `DRY_RUN_ON_LOAD`: the problems the API server finds in a commit that passed our own checks.
+        self.check: Callable[[Configuration], Awaitable[list[str]]] | None = None
 
     async def refresh(self) -> dict[str, Any]:
         """Pull git now; load the commit if it is new. Returns the state `/topics` shows."""
@@ -55,6 +58,8 @@ class Repository:
     async def _load(self, root: Path, commit: str) -> None:
         try:
             config = await asyncio.to_thread(load_configuration, root, commit, self.settings)
+            if self.check is not None and (problems := await self.check(config)):
+                raise ConfigurationError(commit, problems)
         except ConfigurationError as exc:
             metrics.CONFIG_OK.set(0)
             self.error = str(exc)

@@ -21,12 +21,14 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from consumer import metrics
+from consumer.checks import dry_run_problems
 from consumer.configuration import Configuration
 from consumer.documents import Request, render_request
-from consumer.errors import PermanentError, TransientError
+from consumer.errors import HandlingError, PermanentError, TransientError
 from consumer.executors.base import Applied, Executor
 from consumer.executors.factory import make_executor
 from consumer.pull import ContinuousPull
+from consumer.reconcile import mark_lost_jobs
 from consumer.repository import Repository
 from consumer.runs import ConsumerRuns
 from consumer.tracking import RequestTracker
@@ -99,6 +101,9 @@ class Consumer:
         self.http_port: int | None = None
         self.handled = 0  # messages finished by this process (acked or given up on)
         self.last_applied = time.monotonic()  # for the stall signal
+        self.waiting_since: float | None = None  # since when work waits (the stall signal counts from here)
+        self._retrying: dict[int, float] = {}  # stream seq -> when it was handed back after a transient failure
+        self._stall_progress = 0.0  # `last_applied` when the stall signal fired
         self.stalled = False
         self.queue: dict[str, int] = {}
         self.reconnects = 0  # connections re-established after NATS closed one
@@ -114,12 +119,16 @@ class Consumer:
         self._stopping = False
         await self._connect()
         await self.executor.start(self.runs.events(self.tracker))
+        if s.dry_run_on_load:
+            self.repository.check = self._dry_run_commit
         await self.refresh()
         await self._start_http()
         await self._serve_nats()
         if s.git_poll_seconds > 0:
             self._loops.append(asyncio.create_task(self._poll(), name="consumer-git-poll"))
         self._loops.append(asyncio.create_task(self._watch_queue(), name="consumer-queue-metrics"))
+        if hasattr(self.executor, "job_watch"):
+            self._loops.append(asyncio.create_task(self._mark_lost_jobs(), name="consumer-lost-jobs"))
         log.info("consumer started", stream=s.stream, durable=s.durable, executor=s.executor,
                  source=self.repository.gitsync.display_source, max_concurrency=s.max_concurrency,
                  http_port=self.http_port)
@@ -304,15 +313,17 @@ class Consumer:
                 return
             applied = await self._process(msg, config, topic, request_id, seq)
         except PermanentError as exc:
-            await self._give_up(msg, topic, inbound, str(exc))
+            await self._give_up(msg, topic, inbound, str(exc), applied=list(exc.applied))
         except TransientError as exc:
             if meta.num_delivered >= self.settings.max_deliver:
-                await self._give_up(msg, topic, inbound, f"{exc} (after {meta.num_delivered} deliveries)")
+                await self._give_up(msg, topic, inbound, f"{exc} (after {meta.num_delivered} deliveries)",
+                                    applied=list(exc.applied))
             else:
                 delay = nak_delay(meta.num_delivered)
                 log.warning("transient failure, will retry", error=str(exc), attempt=meta.num_delivered,
                             retry_in_s=delay)
                 metrics.MESSAGES.labels(topic, "retried").inc()
+                self._retrying[seq] = time.monotonic()
                 await _settle(msg.nak(delay=delay))
         except asyncio.CancelledError:
             # Shutdown overtook this message: hand it back now rather than after ack_wait.
@@ -331,6 +342,8 @@ class Consumer:
             await _settle(msg.ack())
             self.handled += 1
             self.last_applied = time.monotonic()
+            self.waiting_since = None
+            self._retrying.pop(seq, None)
             elapsed = time.perf_counter() - started
             metrics.MESSAGES.labels(topic, "applied").inc()
             metrics.APPLY_SECONDS.observe(elapsed)
@@ -393,7 +406,11 @@ class Consumer:
         try:
             async with self._topic_limit(topic_name, topic.max_concurrency):
                 for ordinal, document in enumerate(documents):
-                    result = await self.executor.apply(document)
+                    try:
+                        result = await self.executor.apply(document)
+                    except HandlingError as exc:
+                        exc.applied = tuple(applied)  # the status lists them at once, dead or not
+                        raise
                     applied.append(result.with_function_uid(
                         function_uid(request_id, identity, ordinal)))
         finally:
@@ -410,7 +427,8 @@ class Consumer:
             semaphore = self._topic_limits[topic] = asyncio.Semaphore(limit)
         return semaphore
 
-    async def _give_up(self, msg: Msg, topic: str, inbound: Inbound, reason: str) -> None:
+    async def _give_up(self, msg: Msg, topic: str, inbound: Inbound, reason: str,
+                       applied: list[Applied] | None = None) -> None:
         """Dead-letter the message with its reason, then stop JetStream redelivering it."""
         log.error("message given up on", error=reason)
         assert self.js is not None
@@ -437,11 +455,36 @@ class Consumer:
             log.error("dead letter not stored, message kept for redelivery", error=str(exc) or type(exc).__name__)
             await _settle(msg.nak(delay=MAX_NAK_DELAY_SECONDS))
             return
-        await self._record(inbound, topic, msg, state="dead", error=reason)
+        await self._record(inbound, topic, msg, state="dead", error=reason, applied=applied or None)
         await _settle(msg.term())
         self.handled += 1
+        self.last_applied = time.monotonic()  # a message given up on is progress too
+        self.waiting_since = None
+        self._retrying.pop(msg.metadata.sequence.stream, None)
         metrics.DEAD_LETTERS.labels(topic).inc()
         metrics.MESSAGES.labels(topic, "dead").inc()
+
+    async def _mark_lost_jobs(self) -> None:
+        """Once the Job watch has listed everything: requests whose Jobs are gone without an outcome."""
+        try:
+            watch = await self.executor.job_watch()  # type: ignore[attr-defined]
+            if watch is not None:
+                lost = await mark_lost_jobs(self.tracker, watch)
+                if lost:
+                    log.warning("requests with lost Job outcomes marked unknown", jobs=lost)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 — a report, not a duty: the next start tries again
+            log.warning("lost Job outcomes not checked", error=str(exc) or type(exc).__name__)
+
+    async def _dry_run_commit(self, config: Configuration) -> list[str]:
+        """`DRY_RUN_ON_LOAD`: what the API server would refuse in this commit (server-side dry-run of
+        every document rendered with sample values); a commit with problems is refused."""
+        problems, unchecked = await dry_run_problems(self.settings, config, self.executor)
+        if unchecked:
+            log.warning("commit not checked by the API server (dry-run failed)", commit=config.commit,
+                        reason=unchecked)
+        return problems
 
     # ---- HTTP: health, readiness, metrics --------------------------------------------------
 
@@ -461,8 +504,24 @@ class Consumer:
             metrics.STREAM_PENDING.set(self.queue["pending"])
             metrics.STREAM_ACK_PENDING.set(self.queue["ack_pending"])
             metrics.STREAM_REDELIVERED.set(self.queue["redelivered"])
-            waiting = self.queue["pending"] + self.queue["ack_pending"] > 0
-            stalled = waiting and time.monotonic() - self.last_applied > self.settings.stall_seconds
+            # Stalled: work has been waiting for STALL_SECONDS and nothing moved meanwhile. Time
+            # without work is not counted (issue 14: an idle night made an outage look stalled at once).
+            # A message handed back with a delay (nak) may count as neither pending nor ack-pending for a
+            # while: the ones this process handed back count as waiting until handled (or long forgotten).
+            now = time.monotonic()
+            horizon = MAX_NAK_DELAY_SECONDS + self.settings.ack_wait_seconds
+            self._retrying = {seq: at for seq, at in self._retrying.items() if now - at < horizon}
+            waiting = self.queue["pending"] + self.queue["ack_pending"] + self.queue["redelivered"] > 0 \
+                or bool(self._retrying)
+            if not waiting:
+                self.waiting_since = None
+            elif self.waiting_since is None:
+                self.waiting_since = now
+            stalled = waiting and now - max(self.last_applied, self.waiting_since or now) > self.settings.stall_seconds
+            # Once stalled, it stays so until something is applied or dead-lettered (no flicker between samples).
+            stalled = stalled or (self.stalled and self.last_applied == self._stall_progress)
+            if stalled and not self.stalled:
+                self._stall_progress = self.last_applied
             if stalled and not self.stalled:
                 log.error("stalled: messages wait but nothing was applied", queue=self.queue,
                           stall_seconds=self.settings.stall_seconds)

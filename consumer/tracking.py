@@ -64,8 +64,10 @@ class RequestTracker:
             if commit is not None:
                 document["commit"] = commit
             if applied is not None:
+                # A dead request's documents were applied before the failure: they say so.
                 merge_documents(document, [
-                    {**a.as_dict(), "function_uid": a.function_uid, "state": state, "reason": None}
+                    {**a.as_dict(), "function_uid": a.function_uid,
+                     "state": "applied" if state == "dead" else state, "reason": None}
                     for a in applied
                 ])
                 summarize(document)
@@ -87,8 +89,9 @@ class RequestTracker:
         except Exception as exc:  # noqa: BLE001 — status is a report; the objects are what matter
             log.warning("status not recorded", error=str(exc) or type(exc).__name__)
 
-    async def job_changed(self, event: JobEvent) -> None:
-        """An executor saw one of our Jobs change: free its `maxActiveJobs` slot, update its request."""
+    async def job_changed(self, event: JobEvent) -> bool:
+        """An executor saw one of our Jobs change: free its `maxActiveJobs` slot, update its request.
+        False when the status could not be written (the executor then keeps the Job's finalizer)."""
         if event.topic and event.kind == "Job":
             key = (event.namespace, event.name)
             if event.state in ("succeeded", "failed"):
@@ -96,7 +99,7 @@ class RequestTracker:
             elif event.state == "running":
                 await self.active_jobs.started(event.topic, key)
         if self.store is None:
-            return
+            return True
 
         rerun: list[bool] = []
 
@@ -117,7 +120,7 @@ class RequestTracker:
                 event.request_id, change, create=lambda: new_status(event.request_id, "", 0, None))
         except Exception as exc:  # noqa: BLE001 — a lost status update must not stop the executor
             log.warning("job status not recorded", job=event.name, error=str(exc) or type(exc).__name__)
-            return
+            return False
         if document is not None and rerun and self.retry is not None:
             try:
                 await self.retry(document)
@@ -129,3 +132,4 @@ class RequestTracker:
             log.info("job " + event.state, request_id=event.request_id, topic=document.get("topic"),
                      stream_seq=document.get("stream_seq"), job=event.name, reason=event.reason,
                      request_state=document["state"])
+        return True

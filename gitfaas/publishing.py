@@ -136,7 +136,7 @@ class ConfigurationView:
 
 # ---- waiting ------------------------------------------------------------------------------
 
-ENDED_BADLY = frozenset({"failed", "dead", "cancelled"})
+ENDED_BADLY = frozenset({"failed", "dead", "cancelled", "unknown"})  # unknown: a Job's outcome was lost
 
 
 def is_applied(document: Mapping[str, Any]) -> bool:

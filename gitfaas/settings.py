@@ -80,6 +80,7 @@ class Settings:
     function_nats_url: str | None = None  # what functions are told (NATS_URL variable)
     kubeconfig: str | None = None
     state_dir: str = ".gitfaas"  # local executor: persistent volumes and run records
+    dry_run_on_load: bool = False  # each commit's documents are sent as server-side dry-run applies first
 
     @property
     def topic_prefix(self) -> str:
@@ -153,6 +154,7 @@ class Settings:
             function_nats_url=reader.optional("FUNCTION_NATS_URL"),
             kubeconfig=reader.optional("KUBECONFIG"),
             state_dir=reader.text("GITFAAS_STATE_DIR", cls.state_dir),
+            dry_run_on_load=reader.flag("DRY_RUN_ON_LOAD", cls.dry_run_on_load),
         )
 
 
@@ -187,6 +189,16 @@ class _Reader:
         if value < 0:
             raise SettingsError(f"{name} must not be negative, not {raw!r}")
         return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{name} must be true or false, not {raw!r}")
 
     def port(self, name: str, default: int) -> int:
         value = self.integer(name, default)

@@ -65,6 +65,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("FUNCTION_NATS_URL", (CONSUMER,), "NATS as functions reach it (default NATS_URL)"),
     Variable("KUBECONFIG", (CONSUMER,), "cluster credentials outside a pod (default ~/.kube/config)"),
     Variable("GITFAAS_STATE_DIR", (CONSUMER,), "local executor: volumes and run records (default .gitfaas)"),
+    Variable("DRY_RUN_ON_LOAD", (CONSUMER,), "true: each new commit's documents, rendered with sample values, "
+             "are sent as server-side dry-run applies first; a commit the API server refuses is not loaded "
+             "(default false)"),
 )
 
 # The original gitfaas's names, read when the new one is not set.

@@ -24,7 +24,7 @@ from nats.js.kv import KeyValue
 
 from gitfaas.subjects import InvalidName, check_request_id
 
-STATES = ("pending", "applied", "running", "succeeded", "failed", "dead")
+STATES = ("pending", "applied", "running", "succeeded", "failed", "dead", "unknown")
 KV_HEADER_ALLOWANCE = 256  # the headers a key-value write adds (its expected revision), with room to spare
 
 
@@ -279,6 +279,10 @@ def summarize(document: dict[str, Any]) -> None:
         failed = next(d for d in jobs if d.get("state") == "failed")
         document["state"] = "failed"
         document["error"] = f"Job {failed.get('name')} failed: {failed.get('reason') or 'unknown reason'}"
+    elif "unknown" in states:  # a Job gone without its outcome recorded: nothing will change it now
+        lost = next(d for d in jobs if d.get("state") == "unknown")
+        document["state"] = "unknown"
+        document["error"] = f"Job {lost.get('name')}: {lost.get('reason') or 'its outcome is not known'}"
     elif jobs and all(s == "succeeded" for s in states):
         document["state"] = "succeeded"
     elif any(s in ("running", "succeeded") for s in states):

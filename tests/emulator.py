@@ -147,6 +147,7 @@ class Fault:
     path: str | None = None  # a regex the URL path must match in full: any request, discovery included
     every: int = 1  # fail one in `every` matching requests, the first included (2: every other one)
     until: float | None = None  # the event loop's time after which the fault matches nothing
+    details: dict[str, Any] | None = None  # the Status's `details` (e.g. `causes`)
     hits: int = 0  # requests failed
     passed: int = 0  # matching requests let through (`every` > 1)
     failed: list[str] = field(default_factory=list)  # "METHOD /path" of each failed request (the first 1000)
@@ -167,7 +168,7 @@ class Fault:
     def render(self) -> aiohttp.web.Response:
         reason = self.reason or REASONS.get(self.status, "InternalError")
         body = {"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
-                "code": self.status, "reason": reason, "details": {},
+                "code": self.status, "reason": reason, "details": self.details or {},
                 "message": self.message or f"injected fault: {reason}"}
         headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
         return aiohttp.web.json_response(body, status=self.status, headers=headers)
@@ -203,6 +204,7 @@ class Emulator(kmock.KubernetesEmulator, _DirectDispatch):
     pod_logs: dict[tuple[str | None, str, str], str] = attrs.field(factory=dict)  # (ns, pod, container) -> text
     deletions: list[tuple[str, str | None, str, str | None]] = attrs.field(factory=list)  # (plural, ns, name, policy)
     require_field_manager: bool = True  # a real API server rejects apply without ?fieldManager= (422)
+    apply_warnings: list[str] = attrs.field(factory=list)  # `Warning` headers on every apply answer
     _rv: int = attrs.field(default=0, init=False)
     _builtin_reactions: int = attrs.field(default=0, init=False)
 
@@ -217,14 +219,14 @@ class Emulator(kmock.KubernetesEmulator, _DirectDispatch):
     def fail_next(self, status: int, count: int | None = 1, *, reason: str | None = None,
                   message: str | None = None, method: str | None = "PATCH", plural: str | None = None,
                   retry_after: int | None = None, delay: float = 0.0, path: str | None = None,
-                  every: int = 1, duration: float | None = None) -> Fault:
+                  every: int = 1, duration: float | None = None, details: dict[str, Any] | None = None) -> Fault:
         """Make the next ``count`` matching requests (None: all, until removed) answer ``status``.
 
         ``path`` matches any request by its URL path (discovery too); ``every=2`` fails every other
         matching request; ``duration`` ends the fault that many seconds from now.
         """
         until = None if duration is None else asyncio.get_running_loop().time() + duration
-        fault = Fault(status, count, reason, message, method, plural, retry_after, delay, path, every, until)
+        fault = Fault(status, count, reason, message, method, plural, retry_after, delay, path, every, until, details)
         self.faults.append(fault)
         return fault
 
@@ -313,14 +315,62 @@ class Emulator(kmock.KubernetesEmulator, _DirectDispatch):
             object.__setattr__(request, "data", self._stamp_new(request, request.data))
         if request.resource is not None and request.action == kmock.action.UPDATE and request.name:
             if self._is_apply(request):
+                if request.params.get("dryRun"):  # checked, not stored: answer what would be
+                    body = self._apply_body(request)
+                    return aiohttp.web.json_response(body, headers=self._warning_headers())
                 await self._apply(request)
+                response = await _DirectDispatch._handle(self, request)
+                for name, value in self._warning_headers():
+                    response.headers.add(name, value)
+                return response
             elif isinstance(request.data, Mapping):
                 await self._merge(request)
+            elif isinstance(request.data, list):
+                await self._json_patch(request)
             else:
-                return await super()._handle(request)  # e.g. JSON patches: kmock's own (limited) logic
+                return await super()._handle(request)
             # The state is changed; serve the response (fallback: the object) skipping kmock's mutation.
             return await _DirectDispatch._handle(self, request)
         return await super()._handle(request)
+
+    def _warning_headers(self) -> list[tuple[str, str]]:
+        quoted = [text.replace("\\", "\\\\").replace('"', '\\"') for text in self.apply_warnings]
+        return [("Warning", f'299 - "{text}"') for text in quoted]  # quoted as RFC 7234 says
+
+    async def _json_patch(self, request: kmock.Request) -> None:
+        """RFC 6902 JSON patches (test, remove, add, replace), all or nothing, as the API server applies them."""
+        assert request.resource is not None and request.name is not None
+        key = (request.resource, request.namespace, request.name)
+        async with self._lock:
+            if key not in self.objects or self.objects[key].deleted:
+                raise kmock.KubernetesObjectNotFoundError()
+            obj = self.objects[key]
+            new = copy.deepcopy(obj.raw)
+            for op in request.data:
+                parts = [p.replace("~1", "/").replace("~0", "~") for p in str(op.get("path", "")).split("/")[1:]]
+                parent: Any = new
+                try:
+                    for part in parts[:-1]:
+                        parent = parent[int(part)] if isinstance(parent, list) else parent[part]
+                    last: Any = int(parts[-1]) if isinstance(parent, list) and parts[-1] != "-" else parts[-1]
+                    if op["op"] == "test" and parent[last] != op.get("value"):
+                        raise kmock.KubernetesError(status=422, reason="Invalid", details={},
+                                                    message=f"the server rejected our request: test failed at "
+                                                            f"{op['path']}")
+                    if op["op"] == "remove":
+                        del parent[last]
+                    elif op["op"] in ("add", "replace"):
+                        if isinstance(parent, list) and op["op"] == "add":
+                            parent.insert(len(parent) if last == "-" else last, op.get("value"))
+                        else:
+                            parent[last] = op.get("value")
+                except (KeyError, IndexError, ValueError, TypeError):
+                    raise kmock.KubernetesError(status=422, reason="Invalid", details={},
+                                                message=f"the server rejected our request: no path {op.get('path')}"
+                                                ) from None
+            new.setdefault("metadata", {})["resourceVersion"] = self._next_rv()
+            obj.history.append(new)
+            await self._buses[request.resource].put({"type": "MODIFIED", "object": obj.raw})
 
     async def _serve_pod_log(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         """``GET …/pods/<name>/log``: the text a test gave, as ``text/plain`` (``tailLines``, ``container``)."""

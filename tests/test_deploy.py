@@ -56,17 +56,25 @@ CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResou
 #                                     (propagationPolicy Background)                 jobs: delete
 #   consumer/executors/k8sjobs.py  KubernetesJobs._pods  CoreV1Api.list_namespaced_pod  pods: list
 #   consumer/executors/k8sjobs.py  KubernetesJobs._log   CoreV1Api.read_namespaced_pod_log  pods/log: get
+#   consumer/jobwatch.py  JobWatcher._release  BatchV1Api.patch_namespaced_job (JSON patch
+#                                     removing the finalizer gitfaas.io/outcome)     jobs: patch
+#   consumer/jobwatch.py, executors/kubernetes.py  BatchV1Api.read_namespaced_job     jobs: get
+#   consumer/jobwatch.py  JobWatcher._follow_events  CoreV1Api.list_namespaced_event
+#                                     (list, then watch; FailedCreate)               events: list, watch
 #
 # Not in the table: API discovery (DynamicClient resources.get: GET /api, /apis, /apis/batch/v1;
 # KubernetesExecutor._why_unknown: DynamicClient.request("GET", "/apis/<group>/<version>")),
 # non-resource URLs that the built-in ClusterRole system:discovery grants every authenticated
-# user. The consumer never reads an object with "get".
+# user.
 API_CALLS: dict[str, set[tuple[str, str, str]]] = {
     "server_side_apply": {("batch", "jobs", "patch"), ("batch", "jobs", "create")},
     "list_namespaced_job": {("batch", "jobs", "list"), ("batch", "jobs", "watch")},
     "delete_namespaced_job": {("batch", "jobs", "delete")},
     "list_namespaced_pod": {("", "pods", "list")},
     "read_namespaced_pod_log": {("", "pods/log", "get")},
+    "patch_namespaced_job": {("batch", "jobs", "patch")},
+    "read_namespaced_job": {("batch", "jobs", "get")},
+    "list_namespaced_event": {("", "events", "list"), ("", "events", "watch")},
 }
 REQUIRED_GRANTS = set().union(*API_CALLS.values())
 

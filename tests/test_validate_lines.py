@@ -31,6 +31,7 @@ spec:
               value: "{{request_id}}"
             - name: W
               value: "{{ who }}"
+      restartPolicy: Never
 """
 
 

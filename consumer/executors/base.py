@@ -21,9 +21,13 @@ class Applied:
     name: str
     uid: str | None = None
     function_uid: str | None = None
+    warnings: tuple[str, ...] = ()  # the API server's `Warning` headers on the apply (Pod Security, …)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "namespace": self.namespace, "name": self.name}
+        found: dict[str, Any] = {"kind": self.kind, "namespace": self.namespace, "name": self.name}
+        if self.warnings:
+            found["warnings"] = list(self.warnings)
+        return found
 
     def with_function_uid(self, function_uid: str) -> Applied:
         return dataclasses.replace(self, function_uid=function_uid)
@@ -43,13 +47,17 @@ class JobEvent:
 
 
 class JobEvents(Protocol):
-    """Where executors report what their Jobs do; the consumer turns it into request status."""
+    """Where executors report what their Jobs do; the consumer turns it into request status.
 
-    async def job_changed(self, event: JobEvent) -> None: ...
+    `job_changed` answers False when the report could not be stored (the Job's finalizer is then
+    kept, so the outcome is reported again); None or True when it was.
+    """
+
+    async def job_changed(self, event: JobEvent) -> bool | None: ...
 
 
 class NoJobEvents:
-    async def job_changed(self, event: JobEvent) -> None:
+    async def job_changed(self, event: JobEvent) -> bool | None:
         return None
 
 

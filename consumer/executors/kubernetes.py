@@ -17,16 +17,23 @@ from typing import Any
 
 import aiohttp
 from kubernetes_asyncio import config
-from kubernetes_asyncio.client import ApiClient
+from kubernetes_asyncio.client import ApiClient, BatchV1Api
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config.config_exception import ConfigException
 from kubernetes_asyncio.dynamic import DynamicClient
 from kubernetes_asyncio.dynamic.exceptions import DynamicApiError, ResourceNotFoundError
 
+from consumer import metrics
+from consumer.apierrors import ApiStatus, immutable_sentence, warning_texts
 from consumer.errors import HandlingError, PermanentError, TransientError
 from consumer.executors.base import Applied, JobEvents
-from consumer.jobwatch import JobWatcher
+from consumer.jobwatch import FINALIZER, JobWatcher
+from consumer.prepare import ANNOTATION_REQUEST_ID
+from consumer.throttle import MAX_THROTTLED_ATTEMPTS, ApiThrottle, retry_after_seconds
+from gitfaas.logs import get_logger
 from gitfaas.settings import Settings
+
+log = get_logger("gitfaas.consumer")
 
 FIELD_MANAGER = "gitfaas"
 TRANSIENT_STATUSES = {408, 409, 429}
@@ -70,9 +77,12 @@ class KubernetesExecutor:
         self._lock = asyncio.Lock()
         self._watcher: JobWatcher | None = None
         self._cache_dir: str | None = None
+        self._throttle: ApiThrottle | None = None
+        self._warned: dict[str, None] = {}  # warning texts already logged at WARNING
 
-    async def start(self, events: JobEvents) -> None:
+    async def start(self, events: JobEvents, *, watch_jobs: bool = True) -> None:
         self._events = events
+        self._throttle = ApiThrottle(self._settings.max_concurrency)
         self._api = await api_client(self._settings)
         # A discovery cache of this executor's own, in a directory made for it and removed at close:
         # a file shared by host:port can be stale, and one named after pid and id(self) could be read
@@ -84,8 +94,17 @@ class KubernetesExecutor:
         except BaseException:
             self._remove_cache()
             raise
-        self._watcher = JobWatcher(self._api, self._settings.namespaces_allowed, events)
-        self._watcher.start()
+        if watch_jobs:
+            self._watcher = JobWatcher(self._api, self._settings.namespaces_allowed, events,
+                                       request_timeout=self._settings.apply_timeout_seconds)
+            self._watcher.start()
+
+    async def job_watch(self) -> JobWatcher | None:
+        """The Job watch, once it has listed every namespace (what `consumer.reconcile` needs)."""
+        if self._watcher is None:
+            return None
+        await self._watcher.listed.wait()
+        return self._watcher
 
     async def close(self) -> None:
         if self._watcher is not None:
@@ -153,14 +172,51 @@ class KubernetesExecutor:
             return TransientError(f"API discovery of {api_version} was incomplete (kind {kind} is served)")
         return PermanentError(f"the API server does not know kind {kind} in {api_version}")
 
-    async def apply(self, document: dict[str, Any]) -> Applied:
-        assert self._dynamic is not None, "executor not started"
+    async def apply(self, document: dict[str, Any], *, dry_run: bool = False) -> Applied:
+        """Server-side apply of one document (`dry_run`: the API server checks it and stores nothing).
+
+        A `batch/v1` Job gets gitfaas's finalizer, so it stays until its outcome is recorded
+        (`consumer.jobwatch`). Throttled (429) applies wait with every other apply of this executor
+        (`consumer.throttle`) and are sent again.
+        """
+        assert self._dynamic is not None and self._throttle is not None, "executor not started"
         api_version, kind = document["apiVersion"], document["kind"]
         resource = await self._resource(api_version, kind)
         metadata = document["metadata"]
         namespace = metadata.get("namespace") if resource.namespaced else None
         if not resource.namespaced:
             metadata.pop("namespace", None)
+        name = metadata["name"]
+        is_job = kind == "Job" and api_version == "batch/v1"
+        if is_job and FINALIZER not in (metadata.get("finalizers") or []):
+            metadata["finalizers"] = [*(metadata.get("finalizers") or []), FINALIZER]
+        if is_job and not dry_run and isinstance(document.get("spec"), dict) and document["spec"].get("suspend"):
+            # A suspended Job's template labels may change, so the API server would not stop a takeover.
+            await self._refuse_another_requests_job(namespace, name, document)
+        for attempt in range(1, MAX_THROTTLED_ATTEMPTS + 1):
+            async with self._throttle.slot():
+                status, payload, headers = await self._send_apply(resource, document, name, namespace, dry_run)
+            if status == 429 and attempt < MAX_THROTTLED_ATTEMPTS:
+                seconds = retry_after_seconds(next(iter(_header_values(headers, "Retry-After")), None))
+                log.warning("API server throttling applies (429): every apply waits", retry_after_s=seconds,
+                            kind=kind, name=name, apply_limit=int(self._throttle.limit / 2) or 1)
+                self._throttle.throttled_for(seconds)
+                continue
+            break
+        if not 200 <= status <= 299:
+            raise await self._refusal(status, payload, kind, name, namespace, document)
+        self._throttle.succeeded()
+        warnings = tuple(warning_texts(_header_values(headers, "Warning")))
+        if warnings:
+            metrics.API_WARNINGS.inc(len(warnings))
+            self._log_warnings(kind, name, warnings, dry_run)
+        # The applied object is not parsed: nothing reads it, and decoding it was ~4% of the
+        # consumer's CPU (bench B2).
+        return Applied(api_version=api_version, kind=kind, namespace=namespace, name=name, warnings=warnings)
+
+    async def _send_apply(self, resource: Any, document: dict[str, Any], name: str, namespace: str | None,
+                          dry_run: bool) -> tuple[int, bytes, Any]:
+        assert self._dynamic is not None
         try:
             # serialize=False gives the raw response: kubernetes_asyncio 36's dynamic client reads
             # responses with _preload_content=False, which skips its own status check, so an error
@@ -168,31 +224,72 @@ class KubernetesExecutor:
             response = await self._dynamic.server_side_apply(
                 resource,
                 body=document,
-                name=metadata["name"],
+                name=name,
                 namespace=namespace,
                 field_manager=FIELD_MANAGER,
                 force_conflicts=True,
                 serialize=False,
                 _request_timeout=self._settings.apply_timeout_seconds,
+                **({"dry_run": "All"} if dry_run else {}),
             )
             async with response:
-                payload = await response.read()
-                status = response.status
+                return response.status, await response.read(), response.headers
         except (ApiException, DynamicApiError) as exc:
-            raise classify(getattr(exc, "status", None), _api_message(exc), kind, metadata["name"]) from None
+            return getattr(exc, "status", None) or 0, _exception_body(exc), _exception_headers(exc)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise TransientError(f"API server unreachable: {type(exc).__name__}: {exc}") from None
-        if not 200 <= status <= 299:
-            body = _json(payload)
-            message = body.get("message") if isinstance(body, dict) else payload[:300].decode(errors="replace")
-            raise classify(status, str(message or ""), kind, metadata["name"])
-        # The applied object is not parsed: nothing reads it, and decoding it was ~4% of the
-        # consumer's CPU (bench B2).
-        return Applied(api_version=api_version, kind=kind, namespace=namespace, name=metadata["name"])
+
+    async def _refusal(self, status: int, payload: bytes, kind: str, name: str, namespace: str | None,
+                       document: dict[str, Any]) -> HandlingError:
+        refused = ApiStatus.parse(status or None, payload)
+        if kind == "Job" and refused.immutable_template:
+            found, owner = await self._owner_of(namespace, name)
+            if found is not False:  # it exists (or cannot be read): the template is what differs
+                return PermanentError(f"{immutable_sentence(kind, name, owner)} (the API server answered "
+                                      f"HTTP {status}: spec.template: field is immutable)")
+        return classify(status or None, refused.text(), kind, name)
+
+    async def _owner_of(self, namespace: str | None, name: str) -> tuple[bool | None, str | None]:
+        """(whether a Job of that name exists — None: cannot tell, the request it was applied for)."""
+        assert self._api is not None
+        if namespace is None:
+            return None, None
+        try:
+            response = await BatchV1Api(self._api).read_namespaced_job(
+                name, namespace, _preload_content=False, _request_timeout=self._settings.apply_timeout_seconds)
+            async with response:
+                if response.status == 404:
+                    return False, None
+                if response.status != 200:
+                    return None, None
+                job = _json(await response.read())
+        except Exception:  # noqa: BLE001 — the sentence is only less precise without it
+            return None, None
+        annotations = ((job or {}).get("metadata") or {}).get("annotations") or {}
+        return True, annotations.get(ANNOTATION_REQUEST_ID)
+
+    async def _refuse_another_requests_job(self, namespace: str | None, name: str, document: dict[str, Any]) -> None:
+        _found, owner = await self._owner_of(namespace, name)
+        ours = (document["metadata"].get("annotations") or {}).get(ANNOTATION_REQUEST_ID)
+        if owner is not None and owner != ours:
+            raise PermanentError(f"Job {name} already exists and belongs to request {owner}; gitfaas never applies "
+                                 "over another request's Job — give the name a per-request part such as {{RANDOM}}")
+
+    def _log_warnings(self, kind: str, name: str, warnings: tuple[str, ...], dry_run: bool) -> None:
+        """Each warning is logged at WARNING the first time it is seen, then at DEBUG (a Pod Security
+        warning comes back on every apply of the same manifest); every one is stored in the status."""
+        for text in warnings:
+            first = text not in self._warned
+            if first:
+                self._warned[text] = None
+                if len(self._warned) > 1000:
+                    del self._warned[next(iter(self._warned))]
+            (log.warning if first else log.debug)("API server warning on apply", kind=kind, name=name, warning=text,
+                                                  dry_run=dry_run or None)
 
 
 def classify(status: int | None, message: str, kind: str, name: str) -> TransientError | PermanentError:
-    text = f"applying {kind} {name} failed: HTTP {status} {message[:300]}".strip()
+    text = f"applying {kind} {name} failed: {message}".strip()
     if status is None or status >= 500 or status in TRANSIENT_STATUSES:
         return TransientError(text)
     return PermanentError(text)
@@ -205,9 +302,24 @@ def _json(payload: bytes) -> Any:
         return None
 
 
-def _api_message(exc: Exception) -> str:
+def _exception_body(exc: Exception) -> bytes:
     body = getattr(exc, "body", None)
-    if isinstance(body, bytes | str):
-        data = _json(body.encode() if isinstance(body, str) else body)
-        return str(data.get("message", "")) if isinstance(data, dict) else str(body)[:300]
-    return str(getattr(exc, "reason", "") or "")
+    if isinstance(body, bytes):
+        return body
+    if isinstance(body, str):
+        return body.encode()
+    return str(getattr(exc, "reason", "") or "").encode()
+
+
+def _exception_headers(exc: Exception) -> Any:
+    return getattr(exc, "headers", None) or {}
+
+
+def _header_values(headers: Any, name: str) -> list[str]:
+    """Every value of a header (`Warning` may come several times)."""
+    if headers is None:
+        return []
+    if hasattr(headers, "getall"):
+        return [str(v) for v in headers.getall(name, [])]
+    value = headers.get(name)
+    return [str(value)] if value is not None else []
