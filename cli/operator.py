@@ -75,6 +75,16 @@ async def replay(settings: Settings, request_id: str | None, topic: str | None, 
         _config, requests = await natsconn.ensure_buckets(js, settings)
         store = StatusStore(requests)
         if request_id:
+            from gitfaas.runs import AmbiguousId, RunStore, UnknownId, ensure_runs_bucket, find_request
+
+            try:  # an id, or a unique prefix of at least 8 characters
+                request_id = (await find_request(store, RunStore(await ensure_runs_bucket(js, settings), nc),
+                                                 request_id)).request_id
+            except AmbiguousId as exc:
+                print(f"gitfaas: {exc}", file=sys.stderr)
+                return 1
+            except UnknownId:
+                pass  # replay_request says what is missing
             try:
                 done = [await replay_request(js, store, settings, request_id)]
             except ReplayError as exc:

@@ -212,10 +212,11 @@ async def ensure_runs_bucket(js: JetStreamContext, settings: Settings) -> KeyVal
     return await js.key_value(RUNS_BUCKET)
 
 
-async def direct_batch(nc: Client, stream: str, *, seq: int, batch: int, subject: str | None = None,
-                       timeout: float = 5.0) -> list[Msg]:
-    """Up to `batch` stored messages from `seq` on (only those on `subject` when given), in one
-    request: JetStream's batched direct get (the stream must allow direct gets)."""
+async def direct_batch(nc: Client, stream: str, *, seq: int = 1, batch: int, subject: str | None = None,
+                       multi_last: list[str] | None = None, timeout: float = 5.0) -> list[Msg]:
+    """Up to `batch` stored messages from `seq` on (only those on `subject` when given), or the last
+    message of each subject matching `multi_last`, in one request: JetStream's batched direct get
+    (the stream must allow direct gets)."""
     if batch <= 0:
         return []
     found: list[Msg] = []
@@ -233,7 +234,11 @@ async def direct_batch(nc: Client, stream: str, *, seq: int, batch: int, subject
 
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox, cb=collect)
-    request: dict[str, Any] = {"seq": max(1, seq), "batch": batch}
+    request: dict[str, Any] = {"batch": batch}
+    if multi_last:
+        request["multi_last"] = multi_last
+    else:
+        request["seq"] = max(1, seq)
     if subject:
         request["next_by_subj"] = subject
     try:
@@ -351,17 +356,13 @@ class RunStore:
         if len(prefix) < MIN_PREFIX or not is_request_id(prefix):
             return []
         found: list[str] = []
-        seq = 1
-        for _ in range(4):  # a handful of batches: ids sharing 8 characters are rare
-            msgs = await direct_batch(self.nc, RUNS_STREAM, seq=seq, batch=64,
-                                      subject=f"$KV.{RUNS_BUCKET}.*.{prefix[:MIN_PREFIX]}.>")
-            for msg in msgs:
-                rid = (msg.headers or {}).get("Nats-Subject", "").rsplit(".", 1)[-1]
-                if rid.startswith(prefix) and rid not in found and msg.data:
-                    found.append(rid)
-            if len(msgs) < 64 or len(found) >= MAX_CANDIDATES:
-                break
-            seq = _sequence(msgs[-1]) + 1
+        # The last entry of each key under the prefix's token: the server answers from its subject index.
+        msgs = await direct_batch(self.nc, RUNS_STREAM, batch=256, multi_last=[
+            f"$KV.{RUNS_BUCKET}.{kind}.{prefix[:MIN_PREFIX]}.>" for kind in ("run", "req")])
+        for msg in msgs:
+            rid = (msg.headers or {}).get("Nats-Subject", "").rsplit(".", 1)[-1]
+            if rid.startswith(prefix) and rid not in found and msg.data:
+                found.append(rid)
         return found
 
     async def list(self, *, topic: str | None = None, state: str | None = None, since: datetime | None = None,
@@ -631,26 +632,33 @@ class RunIndex:
             self.complete = False
 
     async def refresh(self) -> None:
+        subject = f"$KV.{RUNS_BUCKET}.run.>"
         async with self._lock:
+            if self.seq:  # what was written since the last listing (one request in the usual case)
+                while True:
+                    msgs = await direct_batch(self.store.nc, RUNS_STREAM, seq=self.seq + 1, batch=1024,
+                                              subject=subject)
+                    for msg in msgs:
+                        self._take(msg)
+                    if msgs:
+                        self.seq = max(self.seq, _sequence(msgs[-1]))
+                    if len(msgs) < 1024:
+                        return
             js = self.store.nc.jetstream()
             info = await js.stream_info(RUNS_STREAM)
             first, last = info.state.first_seq or 1, info.state.last_seq or 0
-            subject = f"$KV.{RUNS_BUCKET}.run.>"
-            if self.seq == 0 or self.seq < first - 1:  # first load: the newest runs, read backwards
-                self.rows.clear()
-                loaded: list[Msg] = []
-                end, window = last, 1024
-                while end >= first and len(loaded) < self.capacity:
-                    start = max(first, end - window + 1)
-                    loaded[:0] = await self.store._range(start, end, subject)
-                    end, window = start - 1, min(window * 2, 16384)
-                for msg in loaded:
-                    self._take(msg)
-                self.complete = end < first
-            elif last > self.seq:
-                for msg in await self.store._range(self.seq + 1, last, subject, chunk=1024):
-                    self._take(msg)
-            self.seq = max(self.seq, last)
+            # The first listing: the newest runs, read backwards.
+            self.rows.clear()
+            loaded: list[Msg] = []
+            end, window = last, 1024
+            while end >= first and len(loaded) < self.capacity:
+                start = max(first, end - window + 1)
+                loaded[:0] = await self.store._range(start, end, subject)
+                end, window = start - 1, min(window * 2, 16384)
+            for msg in loaded:
+                self._take(msg)
+            self.complete = end < first
+            self.seq = last
 
     async def list(self, *, topic: str | None = None, state: str | None = None, since: datetime | None = None,
                    limit: int = DEFAULT_LIST_LIMIT) -> list[dict[str, Any]]:
