@@ -25,7 +25,11 @@ from nats.js.errors import Error as JetStreamError
 from nats.js.kv import KeyValue
 from prometheus_client import Counter, Histogram
 
+from bridge.deadletters import DeadLetterRoutes
 from bridge.runs import RunRoutes
+from bridge.stats import StatsRoutes
+from bridge.ui import UI_ROUTES, Dashboard
+from bridge.watch import WatchRoutes
 from gitfaas import natsconn, safejson
 from gitfaas.httperrors import JsonErrorsRunner, error_answer
 from gitfaas.logs import get_logger
@@ -62,7 +66,8 @@ PUBLISH_SECONDS = Histogram("gitfaas_bridge_publish_seconds", "Time from request
 
 # Query parameters that steer the bridge itself rather than becoming template variables.
 RESERVED_QUERY = frozenset({"wait", "timeout", "parent"})
-OPEN_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+# The dashboard's files hold no data: the page loads, then asks for the token (bridge/ui.py).
+OPEN_ROUTES = frozenset({"/healthz", "/readyz", "/metrics", *UI_ROUTES})
 PUBLISH_TIMEOUT_SECONDS = 5.0
 DEFAULT_WAIT_SECONDS = 30.0
 MAX_WAIT_SECONDS = 300.0
@@ -111,6 +116,7 @@ class Bridge:
         self.status: StatusStore | None = None
         self.runs: RunStore | None = None  # the run index (§11)
         self.run_routes = RunRoutes(self)
+        self.dashboard_routes = (DeadLetterRoutes(self), StatsRoutes(self), WatchRoutes(self), Dashboard())
         self._watch_task: asyncio.Task[None] | None = None
         self._token = (settings.bridge_token or "").encode()
         self._stopping = False
@@ -227,6 +233,8 @@ class Bridge:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", metrics_view)
         self.run_routes.add(app)
+        for routes in self.dashboard_routes:
+            routes.add(app)
         return app
 
     @web.middleware

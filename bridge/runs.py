@@ -114,11 +114,15 @@ class RunRoutes:
             since = parse_since(query["since"]) if query.get("since") else None
         except ValueError as exc:
             return json_error(400, str(exc))
+        runs = await self.listing().list(topic=query.get("topic") or None, state=state, since=since, limit=limit)
+        return web.json_response({"runs": runs})
+
+    def listing(self) -> RunIndex:
+        """The in-memory run index (`GET /runs`, and the dashboard's live list, `bridge/watch.py`)."""
         assert self.bridge.runs is not None
         if self.index is None or self.index.store is not self.bridge.runs:  # (a new connection: a new store)
             self.index = RunIndex(self.bridge.runs)
-        runs = await self.index.list(topic=query.get("topic") or None, state=state, since=since, limit=limit)
-        return web.json_response({"runs": runs})
+        return self.index
 
     async def get_run(self, request: web.Request) -> web.Response:
         run = await self._run(request.match_info["run_id"])

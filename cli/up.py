@@ -147,6 +147,7 @@ async def up(settings: Settings, lock: StateDirLock, *, repo: str, executor: str
             f"\ngitfaas is up\n"
             f"  nats      {nats_server.url}  (state in {nats_server.store_dir})\n"
             f"  bridge    http://127.0.0.1:{port}\n"
+            f"  dashboard http://127.0.0.1:{port}/\n"
             f"  consumer  http://127.0.0.1:{consumer.http_port}/readyz  executor={settings.executor}\n"
             f"  repo      {consumer.repository.gitsync.display_source}  topics: {', '.join(topics) or '(none)'}\n\n"
             f"  try: curl -X POST http://127.0.0.1:{port}/publish/{first} -d 'hello'\n"

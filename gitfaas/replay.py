@@ -223,9 +223,15 @@ def _dead_letter(message: StoredMessage, subjects: Subjects) -> DeadLetter:
                       headers=message.headers, data=message.data)
 
 
-async def dead_letters(js: JetStreamContext, settings: Settings) -> list[DeadLetter]:
+async def dead_letters(js: JetStreamContext, settings: Settings, limit: int | None = None) -> list[DeadLetter]:
+    """The dead letters, oldest first (the first `limit` of them when given)."""
     subjects = Subjects(settings.subject_prefix)
-    return [_dead_letter(m, subjects) async for m in iterate(js, settings.dead_stream, subjects.dead_wildcard)]
+    found: list[DeadLetter] = []
+    async for message in iterate(js, settings.dead_stream, subjects.dead_wildcard):
+        found.append(_dead_letter(message, subjects))
+        if limit is not None and len(found) >= limit:
+            break
+    return found
 
 
 async def dead_letter(js: JetStreamContext, settings: Settings, seq: int) -> DeadLetter:
