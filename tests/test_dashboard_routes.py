@@ -6,6 +6,7 @@ and what `BRIDGE_TOKEN` leaves open (the files) and closes (every piece of data)
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
@@ -16,7 +17,8 @@ import aiohttp
 import nats
 import pytest
 
-from gitfaas.embedded import EmbeddedNats
+from bridge.app import Bridge, serve
+from gitfaas.embedded import EmbeddedNats, free_port
 from tests.conftest import GitRepo, Stack, config_json, job_manifest, make_settings, running_stack, wait_for
 
 
@@ -188,3 +190,23 @@ def test_the_page_script_never_turns_data_into_html() -> None:
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function",
                  "DOMParser", "createContextualFragment", "srcdoc", "javascript:"):
         assert sink not in code, sink
+
+
+async def test_open_event_streams_do_not_hold_up_a_shutdown(dry: Stack) -> None:
+    """Ctrl-C on `gitfaas up` with a dashboard open: the streams end with the server, not after its grace."""
+    bridge = Bridge(dry.settings.replace(bridge_port=free_port()))
+    await bridge.start()
+    runner = await serve(bridge, "127.0.0.1", bridge.settings.bridge_port)
+    try:
+        url = f"http://127.0.0.1:{bridge.settings.bridge_port}"
+        async with aiohttp.ClientSession() as http, http.get(url + "/watch/runs") as stream:
+            assert (await read_event(stream))[0] == "runs"
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await asyncio.wait_for(runner.cleanup(), timeout=10)
+            runner = None
+            assert loop.time() - started < 3
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await bridge.stop()
