@@ -529,7 +529,9 @@ class Consumer:
             metrics.STALLED.set(1 if stalled else 0)
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
-        connected = bool(self.nc and self.nc.is_connected)
+        # Ready once a re-established connection also serves again (pull consumer, subscriptions).
+        serving = self._reestablishing is None or self._reestablishing.done()
+        connected = bool(self.nc and self.nc.is_connected) and serving
         detail = {
             "nats": "connected" if connected else "closed" if self.nc is not None and self.nc.is_closed
             else "disconnected",
