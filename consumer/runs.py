@@ -116,11 +116,11 @@ class RunBook:
         """A message's request id was just claimed: it joins (or starts) its run."""
         rid = document["request_id"]
         root = document.get("root") or rid
-        if root == rid:  # usually a new run: create it without reading first
+        if root == rid:  # usually a new run: create it without reading first, nor waiting for the answer
             run = new_run(rid, document.get("topic") or "", document.get("published_at"))
             set_entry(run, rid, entry_of(document))
             evaluate(run, utc_now())
-            if await self.runs.write(rid, run, None):
+            if await self.runs.create_quietly(rid, run):
                 return
         else:
             await self.runs.add_pointer(rid, root)
@@ -322,18 +322,23 @@ class RunAwareStore(StatusStore):
         seen: dict[str, Any] = {}
         now = utc_now()
 
+        def outcome(document: dict[str, Any]) -> tuple[Any, ...]:
+            """What the run keeps of a request: whether it finished, how, and whether it is re-run."""
+            finished = is_request_finished(document)
+            return finished, document.get("state") if finished else None, bool(document.get("rerun"))
+
         def wrapped(document: dict[str, Any]) -> None:
-            before = (document.get("state"), is_request_finished(document), bool(document.get("rerun")))
+            before = outcome(document)
             jobs_before, error = _active_jobs(document), document.get("error")
+            was_cancelled = document.get("state") == "cancelled"
             change(document)
-            if before[0] == "cancelled":
+            if was_cancelled:
                 document.update(state="cancelled", error=error or CANCELLED_ERROR)
             if not document.get("root"):
                 document["root"] = document.get("parent") or request_id
             stamp(document, now)
-            seen.update(before=before, after=(document.get("state"), is_request_finished(document),
-                                              bool(document.get("rerun"))),
-                        new_jobs=_active_jobs(document) - jobs_before if before[0] == "cancelled" else set())
+            seen.update(before=before, after=outcome(document),
+                        new_jobs=_active_jobs(document) - jobs_before if was_cancelled else set())
 
         document = await super().update(request_id, wrapped, create=create, attempts=attempts, known=known)
         if document is not None and seen.get("before") != seen.get("after"):
