@@ -1,6 +1,6 @@
-"""`python -m bench [B1 ... B5] [--smoke] [--profile] [--json FILE] [--results FILE|--no-results]`.
+"""`python -m bench [B1 ... B7] [--smoke] [--profile] [--json FILE] [--results FILE|--no-results]`.
 
-With no benchmark named, all five run (that is `make bench`) and `bench/RESULTS.md` gets the
+With no benchmark named, B1 to B5 and B7 run (that is `make bench`) and `bench/RESULTS.md` gets the
 figures (between its `figures` markers; the analysis around them is kept). `--smoke` runs tiny
 sizes for a few seconds in all (what `tests/test_bench_smoke.py` does): the figures then mean
 nothing, and RESULTS.md is left alone.
@@ -28,8 +28,9 @@ BENCHMARKS = {
     "B4": "bench.b4_memory",
     "B5": "bench.b5_render",
     "B6": "bench.b6_cluster",  # opt-in: a real API server (GITFAAS_TEST_KUBECONFIG...), never in the default set
+    "B7": "bench.b7_runs",  # run look-ups (GET /runs) with 100,000 stored requests (issue 15)
 }
-DEFAULT = ["B1", "B2", "B3", "B4", "B5"]
+DEFAULT = ["B1", "B2", "B3", "B4", "B5", "B7"]
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 START, END = "<!-- figures:start -->", "<!-- figures:end -->"
 
@@ -37,8 +38,8 @@ START, END = "<!-- figures:start -->", "<!-- figures:end -->"
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmarks", nargs="*", metavar="B1..B6",
-                        help="which to run (default: B1 to B5; B6 needs a real cluster, see bench/b6_cluster.py)")
+    parser.add_argument("benchmarks", nargs="*", metavar="B1..B7",
+                        help="which to run (default: all but B6, which needs a real cluster: see bench/b6_cluster.py)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the benchmarks run, not speed")
     parser.add_argument("--profile", action="store_true",
                         help="attach py-spy (if installed) to the service under test and print its hot spots")
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps({"machine": machine(), "date": utc_now(),
                                          "tables": [t.as_json() for t in tables], "failures": failures}, indent=2))
-    writes = not args.no_results and not args.smoke and (args.results is not None or len(args.names) == 5)
+    writes = not args.no_results and not args.smoke and (args.results is not None or len(args.names) == len(DEFAULT))
     if writes and tables:
         target = args.results or RESULTS
         write_results(target, tables, profiles)

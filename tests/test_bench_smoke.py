@@ -24,6 +24,7 @@ POSITIVE = {
     "B3": ["p50_ms", "p99_ms", "baseline_p50_ms", "baseline_p99_ms", "messages"],
     "B4": ["consumer_peak_mib", "bridge_peak_mib", "consumer_floor_mib", "bridge_floor_mib"],
     "B5": ["render_us", "deepcopy_us", "json_us", "ratio_vs_deepcopy"],
+    "B7": ["p99_ms", "requests", "runs"],
 }
 
 
@@ -39,7 +40,7 @@ def test_every_benchmark_runs_and_prints_its_table(tmp_path: Path) -> None:
     assert not report["failures"]
     assert report["machine"]["cores"] >= 1 and report["machine"]["cpu"]
     tables = {table["key"]: table for table in report["tables"]}
-    assert list(tables) == ["B1", "B2", "B3", "B4", "B5"]
+    assert list(tables) == ["B1", "B2", "B3", "B4", "B5", "B7"]
     for key, names in POSITIVE.items():
         table = tables[key]
         assert f"### {key} — " in result.stdout

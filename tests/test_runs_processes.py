@@ -180,13 +180,3 @@ async def test_two_consumer_processes_publish_each_tick_once(nats_server: Embedd
         for consumer in consumers:
             consumer.stop()
 
-
-def test_the_run_listing_benchmark_runs(tmp_path: Path) -> None:
-    """B7 at smoke size: it fills the stores, asks a bridge process, and prints its table."""
-    out = tmp_path / "b7.json"
-    result = subprocess.run([sys.executable, "-m", "bench.b7_runs", "--smoke", "--json", str(out)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stdout + result.stderr
-    table = json.loads(out.read_text())
-    assert table["key"] == "B7" and len(table["rows"]) == 7 and table["numbers"]["p99_ms"] > 0
-    assert "### B7" in result.stdout
