@@ -221,8 +221,14 @@ async def test_a_429_pauses_every_apply_for_retry_after(stack: Stack, k8s: Emula
     store = stack.consumers[0].tracker.store
     assert store is not None
     for request_id in [first, *others]:
-        document = await store.get(request_id)
-        assert document is not None and document["attempts"] == 1, "sent again, not redelivered"
+        # (the Job exists a moment before its request's status says applied: wait for that write)
+        document = await wait_for(lambda rid=request_id: _recorded(store, rid), message=f"{request_id} recorded")
+        assert document["attempts"] == 1, "sent again, not redelivered"
+
+
+async def _recorded(store: Any, request_id: str) -> dict[str, Any] | None:
+    document = await store.get(request_id)
+    return document if document is not None and document.get("attempts") else None
 
 
 # ---- 2. validate -------------------------------------------------------------------------------
