@@ -325,3 +325,24 @@ async def test_cli_publish_waits_for_the_run(chain: Stack, k8s: EmulatorHandle) 
     await k8s.set_job_status(job[0]["metadata"]["name"], condition="Complete")
     assert await waiting == 0, out.getvalue()
     assert "succeeded" in out.getvalue() and "steps 1" in out.getvalue()
+
+
+async def test_cli_logs_follow_until_the_request_is_finished(stack: Stack, k8s: EmulatorHandle) -> None:
+    import io
+
+    from cli.runs import logs as cli_logs
+
+    request_id = await publish(stack, "hello")
+    job = await job_of(stack, request_id)
+    await k8s.set_job_status(job, condition=None, active=1)
+    await request_state(stack, request_id, "running")
+    await k8s.add_pod(job, "one\n", name=f"{job}-pod")
+    out = io.StringIO()
+    following = asyncio.create_task(cli_logs(stack.settings, request_id[:8], False, True, out=out))
+    await wait_for(lambda: "one" in out.getvalue(), message="the first line")
+    assert not following.done(), "still running: it follows"
+    k8s.emulator.pod_logs[("default", f"{job}-pod", "main")] = "one\ntwo\n"
+    await wait_for(lambda: "two" in out.getvalue(), message="the new line")
+    await k8s.set_job_status(job, condition="Complete")
+    assert await asyncio.wait_for(following, 15) == 0
+    assert out.getvalue().splitlines() == [f"[{job}] one", f"[{job}] two"], "each line once"
