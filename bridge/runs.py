@@ -13,6 +13,7 @@ from typing import Any
 import nats.errors
 from aiohttp import web
 
+from bridge.publish import wait_timeout
 from gitfaas.metrics import json_error
 from gitfaas.publishing import wait_status
 from gitfaas.runs import (
@@ -130,7 +131,7 @@ class RunRoutes:
             return run
         assert self.bridge.status is not None and self.bridge.runs is not None
         if request.query.get("wait") not in (None, "", "0", "false"):
-            timeout = self.bridge.wait_timeout(request)
+            timeout = wait_timeout(request)
             if isinstance(timeout, web.Response):
                 return timeout
             reached = is_run_finished(run)

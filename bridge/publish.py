@@ -1,0 +1,193 @@
+"""`POST /publish/{topic}` (§5): validate, publish to JetStream, answer once it has stored the message.
+
+`?wait=applied|completed` answers from a watch of the request's status key, `?wait=run` (§11) from a
+watch of its run; what a publish is refused for is `gitfaas.publishing`'s, shared with `gitfaas
+publish`. This is the bridge's hot path: it reads the configuration from memory (`Bridge.configuration`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import Counter, Histogram
+
+from bridge.unavailable import NATS_UNAVAILABLE
+from gitfaas import natsconn, safejson
+from gitfaas.logs import get_logger
+from gitfaas.message import request_headers
+from gitfaas.metrics import json_error
+from gitfaas.publishing import WAITS, content_type_refusal, declares_json, too_large, wait_status
+from gitfaas.replay import ReplayError, stored_message
+from gitfaas.runs import is_run_finished, run_view
+from gitfaas.subjects import HEADER_PARENT, InvalidName, check_topic
+
+log = get_logger("gitfaas.bridge")
+
+PUBLISHES = Counter("gitfaas_bridge_publishes_total", "Publish requests answered, by topic and HTTP code",
+                    ["topic", "code"])
+PUBLISH_SECONDS = Histogram("gitfaas_bridge_publish_seconds", "Time from request to JetStream ack",
+                            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))
+
+# Query parameters that steer the bridge itself rather than becoming template variables.
+RESERVED_QUERY = frozenset({"wait", "timeout", "parent"})
+PUBLISH_TIMEOUT_SECONDS = 5.0
+DEFAULT_WAIT_SECONDS = 30.0
+MAX_WAIT_SECONDS = 300.0
+
+
+async def read_limited(request: web.Request, limit: int) -> bytes | None:
+    """The body, or None as soon as more than `limit` bytes have arrived.
+
+    Enforced while reading (a chunked upload has no Content-Length to check first): never more than
+    `limit` + 1 bytes are read into the body, whatever the client goes on sending. (aiohttp's own
+    `client_max_size` behaves alike in `request.read()`; this does not depend on that setting.)
+    """
+    body = bytearray()
+    while chunk := await request.content.read(min(65536, limit + 1 - len(body))):
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+def wait_timeout(request: web.Request) -> float | web.Response:
+    """`?timeout=S` of a wait, or the error answer."""
+    try:
+        timeout = float(request.query.get("timeout", DEFAULT_WAIT_SECONDS))
+    except ValueError:
+        return json_error(400, "timeout must be a number of seconds")
+    if not 0 < timeout <= MAX_WAIT_SECONDS:
+        return json_error(400, f"timeout must be between 0 and {MAX_WAIT_SECONDS:.0f} seconds")
+    return timeout
+
+
+class PublishRoutes:
+    def __init__(self, bridge: Any) -> None:
+        self.bridge = bridge  # bridge.app.Bridge (not imported: it imports this module)
+
+    def add(self, app: web.Application) -> None:
+        app.router.add_post("/publish/{topic}", self.publish)
+
+    async def publish(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        topic = request.match_info["topic"]
+        response = await self._publish(request, topic)
+        label = topic if topic in self.bridge.known_topics else "-"
+        PUBLISHES.labels(label, str(response.status)).inc()
+        if response.status == 202:
+            PUBLISH_SECONDS.observe(time.perf_counter() - started)
+        return response
+
+    async def _publish(self, request: web.Request, topic: str) -> web.Response:
+        try:
+            check_topic(topic)
+        except InvalidName as exc:
+            return json_error(400, str(exc))
+        wait = request.query.get("wait")
+        if wait is not None and wait not in (*WAITS, "run"):
+            return json_error(400, f"wait must be {', '.join(repr(w) for w in WAITS)} or 'run'")
+        timeout = wait_timeout(request)
+        if isinstance(timeout, web.Response):
+            return timeout
+        if self.bridge.nc is None or self.bridge.js is None or not self.bridge.nc.is_connected:
+            return json_error(503, "NATS is unavailable; the message was not accepted")
+        params = [(k, v) for k, v in request.query.items() if k not in RESERVED_QUERY]
+        # No configuration yet, an unknown topic, or a parameter that no value and no default gives.
+        refusal = self.bridge.configuration.refusal(topic, {name for name, _ in params})
+        if refusal is not None:
+            return json_error(refusal.status, refusal.error)
+        content_type = request.content_type if request.headers.get("Content-Type") else ""
+        refused_type = content_type_refusal(content_type)
+        if refused_type is not None:
+            return json_error(415, refused_type)
+        limit = self.bridge.settings.max_payload_bytes
+        if request.content_length is not None and request.content_length > limit:
+            return json_error(413, too_large(limit))
+        body = await read_limited(request, limit)
+        if body is None:
+            return json_error(413, too_large(limit))
+        if declares_json(content_type):
+            try:
+                safejson.loads(body or b"null")  # nested at most MAX_JSON_DEPTH levels, as the consumer reads it
+            except (ValueError, UnicodeDecodeError) as exc:
+                return json_error(400, f"body is not valid JSON: {exc}")
+
+        request_id = str(uuid.uuid4())
+        # A parent, an Idempotency-Key and the content type travel in NATS headers: `request_headers`
+        # checks each (a request id's charset and length, visible ASCII) and refuses with a 400.
+        parent = request.query.get("parent") or request.headers.get(HEADER_PARENT)
+        try:
+            headers = request_headers(
+                request_id,
+                params,
+                content_type=content_type,
+                idempotency_key=request.headers.get("Idempotency-Key"),
+                parent=parent,
+            )
+        except InvalidName as exc:
+            return json_error(400, str(exc))
+        # nats-server counts the headers too, and closes the connection of a client that goes over.
+        max_payload = self.bridge.nc.max_payload
+        if natsconn.wire_size(body, {**headers, "Nats-Expected-Stream": self.bridge.settings.stream}) > max_payload:
+            return json_error(413, f"the message (body and headers) is larger than NATS accepts ({max_payload} bytes)")
+
+        try:
+            ack = await self.bridge.js.publish(self.bridge.subjects.topic(topic), body, headers=headers,
+                                        stream=self.bridge.settings.stream, timeout=PUBLISH_TIMEOUT_SECONDS)
+        except NATS_UNAVAILABLE as exc:
+            log.warning("publish not stored", topic=topic, error=str(exc) or type(exc).__name__)
+            return json_error(503, "JetStream did not store the message; it was not accepted: "
+                                   f"{type(exc).__name__}")
+        if ack.duplicate:
+            request_id = await self._original_request_id(ack.seq) or request_id
+        answer = {"request_id": request_id, "topic": topic, "stream_seq": ack.seq, "duplicate": bool(ack.duplicate)}
+        if wait is None:
+            return web.json_response(answer, status=202)
+        return await self._wait(answer, wait, timeout)
+
+    async def _wait_run(self, answer: dict[str, Any], timeout: float) -> web.Response:
+        """`?wait=run`: until the run this request belongs to is finished (§11)."""
+        status, runs = self.bridge.status, self.bridge.runs
+        assert status is not None and runs is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:  # the run is known once the consumer has claimed the request (its `root`)
+            known, document = await status.wait(answer["request_id"], lambda d: bool(d.get("root")), timeout)
+            if not known or document is None:
+                return web.json_response({**answer, "state": (document or {}).get("state", "pending")}, status=504)
+            reached, run = await runs.wait(document["root"], is_run_finished, max(0.001, deadline - loop.time()))
+            if run is None:
+                return web.json_response({**answer, "run_id": document["root"], "state": "running"}, status=504)
+            view = await run_view(status, run)
+        except NATS_UNAVAILABLE as exc:
+            return json_error(503, f"accepted as {answer['request_id']}, but its status is unavailable: "
+                                   f"{type(exc).__name__}")
+        return web.json_response(view, status=wait_status(reached, view))
+
+    async def _wait(self, answer: dict[str, Any], wait: str, timeout: float) -> web.Response:
+        """`?wait=`: answer from a watch of the request's status key, not by polling."""
+        assert self.bridge.status is not None
+        if wait == "run":
+            return await self._wait_run(answer, timeout)
+        try:
+            reached, document = await self.bridge.status.wait(answer["request_id"], WAITS[wait], timeout)
+        except NATS_UNAVAILABLE as exc:
+            return json_error(503, f"accepted as {answer['request_id']}, but its status is unavailable: "
+                                   f"{type(exc).__name__}")
+        if document is None:
+            document = {**answer, "state": "pending"}
+        # 200 reached; 422 the request ended failed, dead or cancelled; 504 still on its way.
+        return web.json_response(document, status=wait_status(reached, document))
+
+    async def _original_request_id(self, seq: int) -> str | None:
+        """A duplicate publish answers with the first request's id, read back from the stream."""
+        assert self.bridge.js is not None
+        try:
+            original = await stored_message(self.bridge.js, self.bridge.settings.stream, seq)
+        except (*NATS_UNAVAILABLE, ReplayError):
+            return None
+        return original.request_id  # as the consumer sees it: its own if valid, else seq-<n>
