@@ -54,6 +54,25 @@ def parse_since(text: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def run_filter(request: web.Request) -> dict[str, Any] | web.Response:
+    """`?topic=&state=&since=&limit=` of `GET /runs` (and of the dashboard's live list), or the 400."""
+    query = request.query
+    state = query.get("state") or None
+    if state is not None and state not in RUN_STATES:
+        return json_error(400, f"state must be one of {', '.join(RUN_STATES)}")
+    try:
+        limit = int(query.get("limit", DEFAULT_LIST_LIMIT))
+    except ValueError:
+        return json_error(400, "limit must be a whole number")
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        return json_error(400, f"limit must be between 1 and {MAX_LIST_LIMIT}")
+    try:
+        since = parse_since(query["since"]) if query.get("since") else None
+    except ValueError as exc:
+        return json_error(400, str(exc))
+    return {"topic": query.get("topic") or None, "state": state, "since": since, "limit": limit}
+
+
 def id_error(exc: LookupError) -> web.Response:
     return json_error(400 if isinstance(exc, AmbiguousId) else 404, str(exc))
 
@@ -101,22 +120,10 @@ class RunRoutes:
     async def list_runs(self, request: web.Request) -> web.Response:
         if (down := self._unavailable()) is not None:
             return down
-        query = request.query
-        state = query.get("state") or None
-        if state is not None and state not in RUN_STATES:
-            return json_error(400, f"state must be one of {', '.join(RUN_STATES)}")
-        try:
-            limit = int(query.get("limit", DEFAULT_LIST_LIMIT))
-        except ValueError:
-            return json_error(400, "limit must be a whole number")
-        if not 1 <= limit <= MAX_LIST_LIMIT:
-            return json_error(400, f"limit must be between 1 and {MAX_LIST_LIMIT}")
-        try:
-            since = parse_since(query["since"]) if query.get("since") else None
-        except ValueError as exc:
-            return json_error(400, str(exc))
-        runs = await self.listing().list(topic=query.get("topic") or None, state=state, since=since, limit=limit)
-        return web.json_response({"runs": runs})
+        wanted = run_filter(request)
+        if isinstance(wanted, web.Response):
+            return wanted
+        return web.json_response({"runs": await self.listing().list(**wanted)})
 
     def listing(self) -> RunIndex:
         """The in-memory run index (`GET /runs`, and the dashboard's live list, `bridge/watch.py`)."""

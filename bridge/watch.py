@@ -26,13 +26,10 @@ from typing import Any
 
 from aiohttp import web
 
-from bridge.runs import id_error
+from bridge.runs import id_error, run_filter
 from gitfaas.logs import get_logger
 from gitfaas.metrics import json_error
 from gitfaas.runs import (
-    DEFAULT_LIST_LIMIT,
-    MAX_LIST_LIMIT,
-    RUN_STATES,
     RUNS_BUCKET,
     AmbiguousId,
     UnknownId,
@@ -75,20 +72,12 @@ class WatchRoutes:
     async def watch_runs(self, request: web.Request) -> web.StreamResponse:
         if (down := self._unavailable()) is not None:
             return down
-        query = request.query
-        state = query.get("state") or None
-        if state is not None and state not in RUN_STATES:
-            return json_error(400, f"state must be one of {', '.join(RUN_STATES)}")
-        try:
-            limit = int(query.get("limit", DEFAULT_LIST_LIMIT))
-        except ValueError:
-            return json_error(400, "limit must be a whole number")
-        if not 1 <= limit <= MAX_LIST_LIMIT:
-            return json_error(400, f"limit must be between 1 and {MAX_LIST_LIMIT}")
-        topic = query.get("topic") or None
+        wanted = run_filter(request)
+        if isinstance(wanted, web.Response):
+            return wanted
 
         async def compute() -> tuple[str, dict[str, Any]]:
-            runs = await self.bridge.run_routes.listing().list(topic=topic, state=state, limit=limit)
+            runs = await self.bridge.run_routes.listing().list(**wanted)
             return "runs", {"runs": runs}
 
         return await self._stream(request, compute, lambda: {f"$KV.{RUNS_BUCKET}.run.>"})

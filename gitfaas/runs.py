@@ -28,14 +28,13 @@ from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from gitfaas.settings import Settings
-from gitfaas.status import StatusStore, is_request_id
+from gitfaas.status import StatusStore, is_request_id, wait_for_key
 
 RUNS_BUCKET = "gitfaas_runs"
 RUNS_STREAM = f"KV_{RUNS_BUCKET}"
@@ -437,24 +436,7 @@ class RunStore:
         """Until `done(run)` or the timeout, from a watch of the run's key."""
         if not is_request_id(run_id):
             return False, None
-        watcher = await self.kv.watch(run_key(run_id))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        last: dict[str, Any] | None = None
-        try:
-            while (remaining := deadline - loop.time()) > 0:
-                try:
-                    entry = await watcher.updates(timeout=remaining)
-                except NatsTimeoutError:
-                    break
-                if entry is None or not entry.value:
-                    continue
-                last = json.loads(entry.value)
-                if done(last):
-                    return True, last
-            return False, last
-        finally:
-            await watcher.stop()
+        return await wait_for_key(self.kv, run_key(run_id), done, timeout)
 
 
 def _wrong_last_sequence(exc: Exception) -> bool:

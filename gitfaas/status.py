@@ -175,24 +175,7 @@ class StatusStore:
         """
         if not is_request_id(request_id):
             return False, None
-        watcher = await self.kv.watch(status_key(request_id))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        last: dict[str, Any] | None = None
-        try:
-            while (remaining := deadline - loop.time()) > 0:
-                try:
-                    entry = await watcher.updates(timeout=remaining)
-                except NatsTimeoutError:
-                    break
-                if entry is None or not entry.value:
-                    continue
-                last = json.loads(entry.value)
-                if done(last):
-                    return True, last
-            return False, last
-        finally:
-            await watcher.stop()
+        return await wait_for_key(self.kv, status_key(request_id), done, timeout)
 
     async def update(
         self,
@@ -289,3 +272,30 @@ def summarize(document: dict[str, Any]) -> None:
         document["state"] = "running"
     else:
         document["state"] = "applied"
+
+
+async def wait_for_key(kv: KeyValue, key: str, done: Callable[[dict[str, Any]], bool],
+                       timeout: float) -> tuple[bool, dict[str, Any] | None]:
+    """Until the JSON document under `key` satisfies `done`, or the timeout: a key watch, no polling.
+
+    Returns whether it got there, and the last document seen (None if there is none). Shared by
+    request and run waits.
+    """
+    watcher = await kv.watch(key)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last: dict[str, Any] | None = None
+    try:
+        while (remaining := deadline - loop.time()) > 0:
+            try:
+                entry = await watcher.updates(timeout=remaining)
+            except NatsTimeoutError:
+                break
+            if entry is None or not entry.value:
+                continue
+            last = json.loads(entry.value)
+            if done(last):
+                return True, last
+        return False, last
+    finally:
+        await watcher.stop()
