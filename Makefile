@@ -47,9 +47,9 @@ lint: $(VENV)/.test
 lock:
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install --quiet uv==$(UV_VERSION)
-	.lock-venv/bin/uv pip compile pyproject.toml requirements/build.in --extra test $(LOCK_FLAGS) \
+	.lock-venv/bin/uv pip compile pyproject.toml requirements/build.in --extra test --extra fast $(LOCK_FLAGS) \
 		-o requirements/test.txt
-	.lock-venv/bin/uv pip compile pyproject.toml requirements/build.in -c requirements/test.txt $(LOCK_FLAGS) \
+	.lock-venv/bin/uv pip compile pyproject.toml requirements/build.in -c requirements/test.txt --extra fast $(LOCK_FLAGS) \
 		-o requirements/runtime.txt
 
 clean:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cli import output
-from gitfaas import logs, settings_doc
+from gitfaas import fast, logs, settings_doc
 from gitfaas.publishing import WAITS
 from gitfaas.settings import Settings, SettingsError
 
@@ -51,7 +51,7 @@ def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    asyncio.run(runner())
+    fast.run(runner())  # uvloop when the `fast` extra is installed, else asyncio's loop
     return 0
 
 
@@ -165,11 +165,11 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_runs(args: argparse.Namespace, settings: Settings) -> int:
-    from cli.operator import parse_since
     from cli.runs import runs
+    from gitfaas.timespec import parse_since
 
     try:
-        since = parse_since(args.since) if args.since else None
+        since = parse_since(args.since, "--since") if args.since else None
     except ValueError as exc:
         print(f"gitfaas runs: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,22 @@
+"""Issue 17: the `fast` extra — uvloop runs the services' loop, orjson writes hot-path JSON; both optional."""
+
+import asyncio
+import json
+
+from gitfaas import fast
+
+
+def test_run_uses_uvloop_when_installed():
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    module = fast.run(loop_module())
+    assert module.startswith("uvloop") == (fast.LOOP == "uvloop")
+
+
+def test_dumps_is_compact_json_and_falls_back_for_what_orjson_refuses():
+    value = {"a": [1, "é", None, True], "b": {"c": 1.5}}
+    assert json.loads(fast.dumps(value)) == value
+    assert b" " not in fast.dumps(value)
+    big = {"n": 2**70, 1: "int key"}
+    assert json.loads(fast.dumps(big)) == {"n": 2**70, "1": "int key"}
