@@ -7,7 +7,6 @@ ambiguous one is refused (`400`) naming the candidates.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import nats.errors
@@ -33,25 +32,11 @@ from gitfaas.runs import (
     run_view,
 )
 from gitfaas.status import is_request_id
+from gitfaas.timespec import parse_since
 
 LOGS_TIMEOUT_SECONDS = 15.0
 NOT_AN_ID = ("not a request id: request ids are 1 to 128 letters, digits, '-' or '_', starting with a letter "
              "or digit (a unique prefix of at least 8 characters works too)")
-
-
-def parse_since(text: str) -> datetime:
-    """`90s`, `15m`, `1h`, `2d`, `1h30m`, or an ISO time (as `gitfaas runs --since`)."""
-    import re
-
-    parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", text)
-    if parts and "".join(n + u for n, u in parts) == text:
-        seconds = sum(float(n) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[u] for n, u in parts)
-        return datetime.now(UTC) - timedelta(seconds=seconds)
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError("since: use a duration like 30m, 1h, 2d or an ISO time") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def run_filter(request: web.Request) -> dict[str, Any] | web.Response:

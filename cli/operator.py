@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import sys
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
 import nats.errors
@@ -27,23 +25,9 @@ from gitfaas.replay import ReplayError, dead_letter, dead_letters, purge_dead, r
 from gitfaas.settings import Settings
 from gitfaas.status import StatusStore
 from gitfaas.subjects import CONFIG_BUCKET, CONFIG_KEY, InvalidName, Subjects, check_topic
+from gitfaas.timespec import parse_since
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 PUBLISH_TIMEOUT_SECONDS = 5.0
-
-
-def parse_since(text: str) -> datetime:
-    """`90s`, `15m`, `1h`, `2d`, `1h30m`, or an ISO time."""
-    parts = _DURATION.findall(text)
-    if parts and "".join(n + u for n, u in parts) == text:
-        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
-        return datetime.now(UTC) - timedelta(seconds=seconds)
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(f"--since {text!r}: use a duration like 30m, 1h, 2d or an ISO time") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _age(seconds: float | None) -> str:
@@ -92,7 +76,7 @@ async def replay(settings: Settings, request_id: str | None, topic: str | None, 
                 return 1
         else:
             assert topic is not None
-            done = await replay_topic(js, store, settings, topic, parse_since(since or "1h"), failed)
+            done = await replay_topic(js, store, settings, topic, parse_since(since or "1h", "--since"), failed)
         for item in done:
             print(f"replayed {item.parent} -> {item.request_id} (topic {item.topic}, seq {item.stream_seq})", file=out)
         if not done:
