@@ -19,7 +19,7 @@ from bridge.unavailable import NATS_UNAVAILABLE
 from gitfaas import natsconn, safejson
 from gitfaas.logs import get_logger
 from gitfaas.message import request_headers
-from gitfaas.metrics import json_error
+from gitfaas.metrics import json_answer, json_error
 from gitfaas.publishing import WAITS, content_type_refusal, declares_json, too_large, wait_status
 from gitfaas.replay import ReplayError, stored_message
 from gitfaas.runs import is_run_finished, run_view
@@ -112,7 +112,7 @@ class PublishRoutes:
             return json_error(413, too_large(limit))
         if declares_json(content_type):
             try:
-                safejson.loads(body or b"null")  # nested at most MAX_JSON_DEPTH levels, as the consumer reads it
+                safejson.validate(body or b"null")  # nested at most MAX_JSON_DEPTH levels, as the consumer reads it
             except (ValueError, UnicodeDecodeError) as exc:
                 return json_error(400, f"body is not valid JSON: {exc}")
 
@@ -146,7 +146,7 @@ class PublishRoutes:
             request_id = await self._original_request_id(ack.seq) or request_id
         answer = {"request_id": request_id, "topic": topic, "stream_seq": ack.seq, "duplicate": bool(ack.duplicate)}
         if wait is None:
-            return web.json_response(answer, status=202)
+            return json_answer(answer, 202)
         return await self._wait(answer, wait, timeout)
 
     async def _wait_run(self, answer: dict[str, Any], timeout: float) -> web.Response:

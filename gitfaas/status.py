@@ -12,7 +12,6 @@ carrying the same id is refused, so it cannot overwrite the owner's status, resp
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
+from gitfaas import fast
 from gitfaas.subjects import InvalidName, check_request_id
 
 STATES = ("pending", "applied", "running", "succeeded", "failed", "dead", "unknown")
@@ -107,7 +107,7 @@ class StatusStore:
         self.max_bytes = max_bytes
 
     def _encode(self, request_id: str, document: dict[str, Any]) -> bytes:
-        payload = json.dumps(document).encode()
+        payload = fast.dumps(document)  # orjson when installed (issue 17)
         if self.max_bytes and len(payload) + KV_HEADER_ALLOWANCE > self.max_bytes:
             raise StatusTooLarge(f"the status of {request_id} would be {len(payload)} bytes, more than NATS accepts "
                                  f"({self.max_bytes})")
@@ -122,7 +122,7 @@ class StatusStore:
             return None
         if not entry.value:
             return None
-        return json.loads(entry.value)
+        return fast.loads_trusted(entry.value)
 
     async def claim(self, request_id: str, stream_seq: int, create: Callable[[], dict[str, Any]],
                     attempts: int = 8) -> Claim:
@@ -151,7 +151,7 @@ class StatusStore:
                         continue
                     raise
                 return Claim(None, document, revision)
-            document = json.loads(entry.value)
+            document = fast.loads_trusted(entry.value)
             owner = int(document.get("stream_seq") or 0)
             if owner == stream_seq:
                 return Claim(None, document, entry.revision)
@@ -196,14 +196,14 @@ class StatusStore:
         assume_new = create is not None and known is None
         for _ in range(attempts):
             if known is not None and known.document is not None and known.revision is not None:
-                document, revision = json.loads(json.dumps(known.document)), known.revision
+                document, revision = fast.loads_trusted(fast.dumps(known.document)), known.revision
                 known = None
             elif assume_new:
                 document, revision, assume_new = None, None, False
             else:
                 try:
                     entry = await self.kv.get(key)
-                    document = json.loads(entry.value) if entry.value else None
+                    document = fast.loads_trusted(entry.value) if entry.value else None
                     revision = entry.revision
                 except (KeyNotFoundError, NotFoundError):
                     document, revision = None, None
@@ -293,7 +293,7 @@ async def wait_for_key(kv: KeyValue, key: str, done: Callable[[dict[str, Any]], 
                 break
             if entry is None or not entry.value:
                 continue
-            last = json.loads(entry.value)
+            last = fast.loads_trusted(entry.value)
             if done(last):
                 return True, last
         return False, last

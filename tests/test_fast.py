@@ -20,3 +20,20 @@ def test_dumps_is_compact_json_and_falls_back_for_what_orjson_refuses():
     assert b" " not in fast.dumps(value)
     big = {"n": 2**70, 1: "int key"}
     assert json.loads(fast.dumps(big)) == {"n": 2**70, "1": "int key"}
+
+
+def test_validate_accepts_and_refuses_exactly_what_loads_does():
+    import pytest
+
+    from gitfaas import safejson
+
+    for body in [b"null", b'{"a": [1, 2]}', b"NaN", b'"\\ud800"', b"1e400", b"2" * 40, "[1]".encode("utf-16"),
+                 b"\xef\xbb\xbf{}", b"{", b"[" * 101 + b"]" * 101, b"\xff", b'{"a":1,}']:
+        try:
+            safejson.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            with pytest.raises(type(exc)) as raised:
+                safejson.validate(body)
+            assert str(raised.value) == str(exc)
+        else:
+            safejson.validate(body)
