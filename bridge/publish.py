@@ -32,6 +32,20 @@ PUBLISHES = Counter("gitfaas_bridge_publishes_total", "Publish requests answered
 PUBLISH_SECONDS = Histogram("gitfaas_bridge_publish_seconds", "Time from request to JetStream ack",
                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))
 
+# Issue 17: `Counter.labels` takes a lock and builds its key on every call; the children are kept here
+# (bounded: topic labels are the configured topics or "-", codes a few dozen).
+_PUBLISHES_CHILDREN: dict[tuple[str, int], Any] = {}
+
+
+def _count_publish(label: str, status: int) -> None:
+    child = _PUBLISHES_CHILDREN.get((label, status))
+    if child is None:
+        if len(_PUBLISHES_CHILDREN) > 4096:
+            _PUBLISHES_CHILDREN.clear()
+        child = _PUBLISHES_CHILDREN[label, status] = PUBLISHES.labels(label, str(status))
+    child.inc()
+
+
 # Query parameters that steer the bridge itself rather than becoming template variables.
 RESERVED_QUERY = frozenset({"wait", "timeout", "parent"})
 PUBLISH_TIMEOUT_SECONDS = 5.0
@@ -77,7 +91,7 @@ class PublishRoutes:
         topic = request.match_info["topic"]
         response = await self._publish(request, topic)
         label = topic if topic in self.bridge.known_topics else "-"
-        PUBLISHES.labels(label, str(response.status)).inc()
+        _count_publish(label, response.status)
         if response.status == 202:
             PUBLISH_SECONDS.observe(time.perf_counter() - started)
         return response
