@@ -247,22 +247,38 @@ class Bridge:
         return web.json_response(detail, status=200 if ready else 503)
 
 
-async def serve(bridge: Bridge, host: str, port: int) -> web.AppRunner:
-    """Start the HTTP server; the caller cleans the returned runner up."""
+WORKER_CONFIG_WAIT_SECONDS = 10.0  # no configuration yet (a new deployment): listen anyway, as one bridge does
+
+
+async def serve(bridge: Bridge, host: str, port: int, reuse_port: bool = False) -> web.AppRunner:
+    """Start the HTTP server; the caller cleans the returned runner up.
+
+    `reuse_port`: a worker of several on one port (SO_REUSEPORT, `bridge/workers.py`)."""
     runner = JsonErrorsRunner(bridge.app(), access_log=None)  # parser errors answered in JSON too
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
     return runner
 
 
-async def run(settings: Settings) -> None:
-    """`gitfaas bridge`: run until SIGTERM/SIGINT."""
+async def run(settings: Settings, worker: bool = False) -> None:
+    """`gitfaas bridge`: run until SIGTERM/SIGINT; with BRIDGE_WORKERS > 1, supervise that many workers."""
+    if settings.bridge_workers > 1 and not worker:
+        from bridge.workers import supervise
+
+        await supervise(settings)
+        return
     bridge = Bridge(settings)
     await bridge.start()
-    runner = await serve(bridge, settings.bridge_host, settings.bridge_port)
-    log.info("bridge listening", host=settings.bridge_host, port=settings.bridge_port)
+    if worker:  # a replacement worker takes connections once it knows the topics its siblings know
+        for _ in range(int(WORKER_CONFIG_WAIT_SECONDS / 0.02)):
+            if bridge.config_state is not None:
+                break
+            await asyncio.sleep(0.02)
+    runner = await serve(bridge, settings.bridge_host, settings.bridge_port, reuse_port=worker)
+    log.info("bridge listening", host=settings.bridge_host, port=settings.bridge_port, worker=worker)
     try:
         await asyncio.Event().wait()
     finally:
+        log.info("bridge stopping: finishing the requests in flight")
         await runner.cleanup()
         await bridge.stop()

@@ -95,10 +95,10 @@ def _body(data: str | None) -> bytes:
 
 # Each command takes the parsed arguments and the settings (parsed once, in `main`).
 
-def cmd_bridge(_args: argparse.Namespace, settings: Settings) -> int:
+def cmd_bridge(args: argparse.Namespace, settings: Settings) -> int:
     from bridge.app import run
 
-    return _run(lambda: run(settings))
+    return _run(lambda: run(settings, worker=args.worker))
 
 
 def cmd_consumer(_args: argparse.Namespace, settings: Settings) -> int:
@@ -239,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
                             description="The HTTP edge: validates, publishes to JetStream, answers.",
                             epilog=settings_doc.help_text(settings_doc.BRIDGE),
                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Started by the supervisor of BRIDGE_WORKERS (bridge/workers.py).
+    bridge.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     bridge.set_defaults(func=cmd_bridge)
     consumer = sub.add_parser("consumer", help="run the consumer (configured by environment variables)",
                               description="Keeps the repository in sync, renders and applies each message.",

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import os
+
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
 
 from gitfaas import fast
 
 
+def _registry() -> CollectorRegistry:
+    """One bridge of several (BRIDGE_WORKERS, bridge/workers.py): every worker's figures added up."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return registry
+
+
 async def metrics_view(_request: web.Request) -> web.Response:
-    response = web.Response(body=generate_latest(REGISTRY))
+    response = web.Response(body=generate_latest(_registry()))
     response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
     return response
 

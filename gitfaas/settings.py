@@ -55,6 +55,7 @@ class Settings:
     bridge_port: int = 5000
     bridge_token: str | None = dataclasses.field(default=None, repr=False)
     max_payload_bytes: int = 65536
+    bridge_workers: int = 1  # processes on the bridge port (issue 17); "auto": the CPUs it may use, at most 8
     # Consumer
     git_url: str = ""
     git_branch: str = "main"
@@ -130,6 +131,7 @@ class Settings:
             bridge_port=reader.port("BRIDGE_PORT", cls.bridge_port),
             bridge_token=reader.optional("BRIDGE_TOKEN"),
             max_payload_bytes=reader.integer("MAX_PAYLOAD_BYTES", cls.max_payload_bytes),
+            bridge_workers=_workers(reader.text("BRIDGE_WORKERS", str(cls.bridge_workers))),
             git_url=reader.text("GIT_URL", ""),
             git_branch=reader.text("GIT_BRANCH", reader.text("GIT_PULL_BRANCH", cls.git_branch)),
             git_user_name=reader.optional("GIT_USER_NAME"),
@@ -234,3 +236,16 @@ class _Reader:
         if raw.lower() == "none":
             return ()
         return tuple(word for word in raw.replace(",", " ").split() if word)
+
+
+def _workers(raw: str) -> int:
+    """`BRIDGE_WORKERS`: a count (1 or more) or `auto` (the CPUs this process may use, at most 8)."""
+    if raw.strip().lower() == "auto":
+        return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise SettingsError(f"BRIDGE_WORKERS must be a number of processes (1 or more) or auto, not {raw!r}")
+    return value
