@@ -18,6 +18,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoStreamResponseError, NotFoundError
 
+from cli.connection import connect
 from gitfaas import natsconn
 from gitfaas.message import request_headers
 from gitfaas.publishing import WAITS, ConfigurationView, too_large, wait_sentence, wait_status
@@ -39,21 +40,9 @@ def _age(seconds: float | None) -> str:
     return f"{seconds:.0f}s"
 
 
-async def _quiet(_exc: Exception) -> None:
-    """A command says what went wrong once, in its own line; the client's own reports would repeat it."""
-
-
-async def _connect(settings: Settings) -> Client:
-    try:
-        return await natsconn.connect(settings, "gitfaas-cli", attempts=1, error_cb=_quiet)
-    except Exception as exc:  # noqa: BLE001 — any failure to connect means the same to a person
-        raise SystemExit(f"gitfaas: cannot reach NATS at {natsconn.display_servers(settings)}: "
-                         f"{exc or type(exc).__name__}") from None
-
-
 async def replay(settings: Settings, request_id: str | None, topic: str | None, since: str | None,
                  failed: bool, out: TextIO = sys.stdout) -> int:
-    nc = await _connect(settings)
+    nc = await connect(settings)
     try:
         js = nc.jetstream()
         _config, requests = await natsconn.ensure_buckets(js, settings)
@@ -89,7 +78,7 @@ async def replay(settings: Settings, request_id: str | None, topic: str | None, 
 async def dead(settings: Settings, action: str, seq: int | None, all_: bool, as_json: bool,
                out: TextIO = sys.stdout, confirm: Callable[[int], bool] | None = None) -> int:
     """`confirm(count)` is asked before a purge (None: no question, as with `--yes`)."""
-    nc = await _connect(settings)
+    nc = await connect(settings)
     try:
         js = nc.jetstream()
         await natsconn.ensure_stream(js, natsconn.dead_stream_config(settings))
@@ -197,7 +186,7 @@ async def publish(settings: Settings, topic: str, data: bytes, params: list[tupl
     if len(data) > settings.max_payload_bytes:
         print(f"gitfaas publish: {too_large(settings.max_payload_bytes)}", file=sys.stderr)
         return 1
-    nc = await _connect(settings)
+    nc = await connect(settings)
     try:
         js = nc.jetstream(timeout=PUBLISH_TIMEOUT_SECONDS)
         refusal = (await _configuration(js)).refusal(topic, {name for name, _ in params})
@@ -271,7 +260,7 @@ async def status(settings: Settings, request_id: str, as_json: bool, tree: bool,
     from cli.runs import print_run_tree
     from gitfaas.runs import AmbiguousId, RunStore, UnknownId, ensure_runs_bucket, find_request, find_run, run_view
 
-    nc = await _connect(settings)
+    nc = await connect(settings)
     try:
         js = nc.jetstream()
         _config, requests = await natsconn.ensure_buckets(js, settings)

@@ -14,6 +14,7 @@ from typing import Any, TextIO
 
 import nats.errors
 
+from cli.connection import connect
 from gitfaas import natsconn
 from gitfaas.runs import (
     AmbiguousId,
@@ -34,18 +35,6 @@ from gitfaas.settings import Settings
 from gitfaas.status import StatusStore
 
 FOLLOW_SECONDS = 1.0
-
-
-async def _quiet(_exc: Exception) -> None:
-    """Failures are said once, in the command's own line."""
-
-
-async def _connect(settings: Settings) -> Any:
-    try:
-        return await natsconn.connect(settings, "gitfaas-cli", attempts=1, error_cb=_quiet)
-    except Exception as exc:  # noqa: BLE001 — any failure to connect means the same to a person
-        raise SystemExit(f"gitfaas: cannot reach NATS at {natsconn.display_servers(settings)}: "
-                         f"{exc or type(exc).__name__}") from None
 
 
 async def _stores(nc: Any, settings: Settings) -> tuple[StatusStore, RunStore]:
@@ -77,7 +66,7 @@ def running_for(started: str | None) -> float | None:
 
 async def runs(settings: Settings, topic: str | None, state: str | None, since: datetime | None, limit: int,
                as_json: bool, out: TextIO = sys.stdout) -> int:
-    nc = await _connect(settings)
+    nc = await connect(settings)
     try:
         _status, store = await _stores(nc, settings)
         rows = await store.list(topic=topic, state=state, since=since, limit=limit)
@@ -100,7 +89,7 @@ async def runs(settings: Settings, topic: str | None, state: str | None, since: 
 
 async def cancel(settings: Settings, given: str, out: TextIO = sys.stdout) -> int:
     """0 cancelled (now, or it was already); 1 the run had finished, or is unknown."""
-    nc = await _connect(settings)
+    nc = await connect(settings)
     try:
         status, store = await _stores(nc, settings)
         try:
@@ -137,7 +126,7 @@ async def _read(nc: Any, settings: Settings, jobs: list[dict[str, Any]], after: 
 
 
 async def logs(settings: Settings, given: str, whole_run: bool, follow: bool, out: TextIO = sys.stdout) -> int:
-    nc = await _connect(settings)
+    nc = await connect(settings)
     try:
         status, store = await _stores(nc, settings)
         try:
