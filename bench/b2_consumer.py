@@ -15,9 +15,6 @@ from typing import Any
 
 import aiohttp
 import nats
-from kubernetes_asyncio import client as k8s_client
-from kubernetes_asyncio import config as k8s_config
-from kubernetes_asyncio.dynamic import DynamicClient
 
 from bench.common import (
     TOPIC,
@@ -37,6 +34,7 @@ from bench.common import (
     quiet_gc,
     start_consumer,
     start_emulator,
+    timed_apply_loop,
 )
 from consumer.configuration import load_configuration
 from consumer.documents import Request, render_request
@@ -63,26 +61,8 @@ def rendered_jobs(repo: Path, count: int, settings: Settings) -> list[dict[str, 
 
 async def apply_loop(emulator: Emulator, documents: list[dict[str, Any]], work: Path) -> float:
     """The baseline: server-side apply of every document, CONCURRENCY at a time; returns seconds."""
-    configuration = k8s_client.Configuration()
-    await k8s_config.load_kube_config(config_file=str(emulator.kubeconfig), client_configuration=configuration)
-    async with k8s_client.ApiClient(configuration) as api:
-        dynamic = await DynamicClient(api, cache_file=str(work / "baseline-discovery.json"))
-        jobs = await dynamic.resources.get(api_version="batch/v1", kind="Job")
-        pending = iter(documents)
-
-        async def worker() -> None:
-            for document in pending:
-                response = await dynamic.server_side_apply(
-                    jobs, body=document, name=document["metadata"]["name"], namespace="default",
-                    field_manager="gitfaas", force_conflicts=True, serialize=False, _request_timeout=15)
-                async with response:
-                    await response.read()
-                    if not 200 <= response.status <= 299:
-                        raise RuntimeError(f"apply answered {response.status}")
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-        return time.perf_counter() - started
+    return await timed_apply_loop(str(emulator.kubeconfig), documents, work, namespace="default",
+                                  concurrency=CONCURRENCY, request_timeout=15)
 
 
 async def queue_messages(nats_url: str, count: int, settings: Settings) -> None:

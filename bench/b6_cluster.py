@@ -28,7 +28,6 @@ from typing import Any
 import aiohttp
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
-from kubernetes_asyncio.dynamic import DynamicClient
 
 from bench.common import (
     PYTHON,
@@ -46,6 +45,7 @@ from bench.common import (
     pct,
     service_env,
     start_bridge,
+    timed_apply_loop,
 )
 from consumer.configuration import load_configuration
 from consumer.documents import Request, render_request
@@ -66,24 +66,8 @@ async def client(path: str) -> k8s_client.ApiClient:
 
 
 async def apply_loop(documents: list[dict[str, Any]], work: Path) -> float:
-    async with await client(KUBECONFIG) as api:
-        dynamic = await DynamicClient(api, cache_file=str(work / "baseline-discovery.json"))
-        jobs = await dynamic.resources.get(api_version="batch/v1", kind="Job")
-        pending = iter(documents)
-
-        async def worker() -> None:
-            for document in pending:
-                response = await dynamic.server_side_apply(
-                    jobs, body=document, name=document["metadata"]["name"], namespace=NAMESPACE,
-                    field_manager="gitfaas", force_conflicts=True, serialize=False, _request_timeout=30)
-                async with response:
-                    await response.read()
-                    if not 200 <= response.status <= 299:
-                        raise RuntimeError(f"apply answered {response.status}")
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-        return time.perf_counter() - started
+    return await timed_apply_loop(KUBECONFIG, documents, work, namespace=NAMESPACE, concurrency=CONCURRENCY,
+                                  request_timeout=30)
 
 
 async def clean_up(label: str) -> int:

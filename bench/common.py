@@ -595,3 +595,33 @@ def profile_text(title: str, profiler: Profiler, count: int = 12) -> str:
              "", "| own | incl. | function |", "|---:|---:|---|"]
     lines += [f"| {own * 100:.1f}% | {incl * 100:.1f}% | `{name}` |" for name, own, incl in rows]
     return "\n".join(lines) + "\n"
+
+
+async def timed_apply_loop(kubeconfig: str, documents: list[dict[str, Any]], work: Path, *, namespace: str,
+                           concurrency: int, request_timeout: float) -> float:
+    """The baseline of B2 and B6: a bare server-side apply of every document, `concurrency` at a time,
+    through the same dynamic client the consumer uses; returns the seconds it took."""
+    from kubernetes_asyncio import client as k8s_client
+    from kubernetes_asyncio import config as k8s_config
+    from kubernetes_asyncio.dynamic import DynamicClient
+
+    configuration = k8s_client.Configuration()
+    await k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    async with k8s_client.ApiClient(configuration) as api:
+        dynamic = await DynamicClient(api, cache_file=str(work / "baseline-discovery.json"))
+        jobs = await dynamic.resources.get(api_version="batch/v1", kind="Job")
+        pending = iter(documents)
+
+        async def worker() -> None:
+            for document in pending:
+                response = await dynamic.server_side_apply(
+                    jobs, body=document, name=document["metadata"]["name"], namespace=namespace,
+                    field_manager="gitfaas", force_conflicts=True, serialize=False, _request_timeout=request_timeout)
+                async with response:
+                    await response.read()
+                    if not 200 <= response.status <= 299:
+                        raise RuntimeError(f"apply answered {response.status}")
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.perf_counter() - started
