@@ -177,6 +177,9 @@ async def run(smoke: bool = False, profile: bool = False, work: Path | None = No
     use_wrk = client == "wrk" or (client == "auto" and shutil.which("wrk") is not None)
     if client == "wrk" and shutil.which("wrk") is None:
         raise RuntimeError("--client wrk asked for, but wrk is not installed")
+    # The bridge as deployed: BRIDGE_WORKERS' default (auto: the CPUs it may use), unless the caller sets it.
+    workers_setting = os.environ.get("BRIDGE_WORKERS", "auto")
+    workers = Settings.from_env({"BRIDGE_WORKERS": workers_setting}).bridge_workers
     payload = body(0)
     payload_file = work / "body.json"
     payload_file.write_bytes(payload)
@@ -190,7 +193,7 @@ async def run(smoke: bool = False, profile: bool = False, work: Path | None = No
     profiler: Profiler | None = None
     async with nats_server(work) as server:
         await publish_config(server.url, work)
-        bridge = start_bridge(work, server.url)
+        bridge = start_bridge(work, server.url, workers=workers_setting)
         async with children(bridge.child), aiohttp.ClientSession() as http:
             await bridge.ready(http)
             nc = await nats.connect(servers=[server.url])
@@ -204,7 +207,8 @@ async def run(smoke: bool = False, profile: bool = False, work: Path | None = No
                     base_runs.append(await raw_publish(server.url, payload, warmup or 0.2, duration, meter))
                     base_cpu.append({**meter.shares, "other processes": meter.others})
                     await js.purge_stream(STREAM)
-                    meter = CpuMeter({"bridge": bridge.child.pid, "nats-server": nats_pid(server)})
+                    meter = CpuMeter({"bridge": bridge.child.pid, "nats-server": nats_pid(server)},
+                                     trees=frozenset({"bridge"}))
                     if use_wrk:
                         if warmup:
                             await run_wrk(url, script, warmup, None)
@@ -243,10 +247,13 @@ async def run(smoke: bool = False, profile: bool = False, work: Path | None = No
     table = Table("B1", "bridge throughput, 1 KiB bodies, 64 connections",
                   ["side", "load", "202s / acks", "per second", "p50 ms", "p99 ms", "CPU (share of one core)"],
                   smoke=smoke)
+    bridge_cpu_text = (f"bridge ({workers} worker processes and their supervisor, added up)" if workers > 1
+                       else "bridge process")
     table.rows = [
         ["baseline: nats-py js.publish, one process", f"{CONNECTIONS} in flight", sum(r["ok"] for r in base_runs),
          base_rate, median(r["p50"] for r in base_runs), median(r["p99"] for r in base_runs), _cpu(base_cpu)],
-        ["bridge: POST /publish/bench (own process)", client_text, sum(r["ok"] for r in bridge_runs), bridge_rate,
+        [f"bridge: POST /publish/bench (BRIDGE_WORKERS={workers_setting}: {workers} "
+         f"worker{'s' if workers > 1 else ''})", client_text, sum(r["ok"] for r in bridge_runs), bridge_rate,
          median(r["p50"] for r in bridge_runs), median(r["p99"] for r in bridge_runs), _cpu(bridge_cpu)],
         ["ratio bridge / baseline", "", "", pct(ratio), "", "", ""],
     ]
@@ -259,13 +266,13 @@ async def run(smoke: bool = False, profile: bool = False, work: Path | None = No
         "Content-Type application/json (the bridge parses them); latencies are medians over the rounds",
         "where things run: all processes share the machine's cores (no pinning); the CPU column is each "
         "process's CPU time over the measured windows, 100% = one core. Baseline: bench process + "
-        "nats-server; bridge side: bridge process + nats-server + load generator",
+        f"nats-server; bridge side: {bridge_cpu_text} + nats-server + load generator",
         f"check: {sum(r['non2xx'] for r in bridge_runs)} non-202 answers, "
         f"{sum(r['socket_errors'] for r in bridge_runs)} socket errors; JetStream stored "
         f"{sum(r['stored'] for r in bridge_runs):,} messages for {sum(r['ok'] for r in bridge_runs):,} answers "
         "with 202 (the rest were in flight when the window closed)",
     ]
-    table.numbers = {"bridge_rate": bridge_rate, "baseline_rate": base_rate, "ratio": ratio,
+    table.numbers = {"bridge_workers": workers, "bridge_rate": bridge_rate, "baseline_rate": base_rate, "ratio": ratio,
                      "bridge_ok": sum(r["ok"] for r in bridge_runs), "baseline_ok": sum(r["ok"] for r in base_runs)}
     if profiler is not None:
         table.profile = profile_text("B1 bridge process under the same load (an extra, unmeasured window)",

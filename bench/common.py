@@ -170,6 +170,26 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and every live process below it (e.g. bridge workers under their
+    supervisor, BRIDGE_WORKERS > 1)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, of in parents.items() if of == parent and child not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return sum(cpu_seconds(member) for member in tree)
+
+
 def memory_kib(pid: int) -> dict[str, int]:
     """VmRSS, VmHWM (peak RSS) ... of a live process, in KiB."""
     out: dict[str, int] = {}
@@ -205,8 +225,9 @@ class CpuMeter:
     """CPU time each named process used between `start()` and `stop()`, as a share of one core;
     `others` is what every other process of the machine used meanwhile (other people's work)."""
 
-    def __init__(self, pids: dict[str, int]) -> None:
+    def __init__(self, pids: dict[str, int], trees: frozenset[str] = frozenset()) -> None:
         self.pids = pids
+        self.trees = trees  # names whose descendants count too
         self._start: dict[str, float] = {}
         self._machine = 0.0
         self._t0 = 0.0
@@ -216,15 +237,18 @@ class CpuMeter:
     def start(self) -> None:
         self._t0 = time.perf_counter()
         self._machine = machine_busy_seconds()
-        self._start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._start = {name: self._cpu(name, pid) for name, pid in self.pids.items()}
 
     def stop(self, extra_seconds: float = 0.0) -> dict[str, float]:
         """`extra_seconds`: CPU time of helpers not in `pids` (e.g. a load generator that has exited)."""
         elapsed = max(1e-9, time.perf_counter() - self._t0)
-        self.shares = {name: (cpu_seconds(pid) - self._start[name]) / elapsed for name, pid in self.pids.items()}
+        self.shares = {name: (self._cpu(name, pid) - self._start[name]) / elapsed for name, pid in self.pids.items()}
         busy = (machine_busy_seconds() - self._machine) / elapsed
         self.others = max(0.0, busy - sum(self.shares.values()) - extra_seconds / elapsed)
         return self.shares
+
+    def _cpu(self, name: str, pid: int) -> float:
+        return tree_cpu_seconds(pid) if name in self.trees else cpu_seconds(pid)
 
     def text(self, extra: dict[str, float] | None = None) -> str:
         shares = {**self.shares, **(extra or {}), "other processes": self.others}
@@ -433,10 +457,11 @@ def service_env(nats_url: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def start_bridge(work: Path, nats_url: str, name: str = "bridge") -> Service:
+def start_bridge(work: Path, nats_url: str, name: str = "bridge", workers: str = "1") -> Service:
+    """`workers`: BRIDGE_WORKERS. One unless a benchmark is about workers: the others measure one process."""
     port = free_port()
     child = Child(name, [PYTHON, "-m", "cli", "bridge"], work / f"{name}.log",
-                  service_env(nats_url, BRIDGE_HOST="127.0.0.1", BRIDGE_PORT=str(port)))
+                  service_env(nats_url, BRIDGE_HOST="127.0.0.1", BRIDGE_PORT=str(port), BRIDGE_WORKERS=workers))
     child.start()
     return Service(child, f"http://127.0.0.1:{port}")
 

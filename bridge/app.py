@@ -42,6 +42,7 @@ from bridge.unavailable import NATS_UNAVAILABLE
 from bridge.watch import WatchRoutes
 from gitfaas import natsconn
 from gitfaas.httperrors import JsonErrorsRunner, error_answer
+from gitfaas.jspublish import AckedPublisher
 from gitfaas.logs import get_logger
 from gitfaas.metrics import json_error, metrics_view
 from gitfaas.publishing import ConfigurationView, too_large
@@ -67,6 +68,7 @@ class Bridge:
         self.subjects = Subjects(settings.subject_prefix)
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
+        self.publisher: AckedPublisher | None = None  # the hot path's publishes (gitfaas/jspublish.py)
         self.config_state: dict[str, Any] | None = None
         self.configuration = ConfigurationView(None)  # what a publish is checked against, from config_state
         self.known_topics: frozenset[str] = frozenset()  # the configured topics (a metric's label values)
@@ -99,10 +101,14 @@ class Bridge:
             raise
         try:
             runs_kv = await ensure_runs_bucket(js, self.settings)
+            publisher = AckedPublisher(nc, self.settings.stream, PUBLISH_TIMEOUT_SECONDS)
+            await publisher.start()
         except BaseException:
             await nc.close()
             raise
-        self.nc, self.js = nc, js
+        if self.publisher is not None:  # the one of a connection NATS closed
+            await self.publisher.close()
+        self.nc, self.js, self.publisher = nc, js, publisher
         self.status = StatusStore(requests_kv, max_bytes=nc.max_payload)
         self.runs = RunStore(runs_kv, nc, max_bytes=nc.max_payload)
         self._start_watch()
@@ -141,6 +147,8 @@ class Bridge:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._watch_task
+        if self.publisher is not None:
+            await self.publisher.close()
         if self.nc is not None and not self.nc.is_closed:
             await self.nc.close()
 

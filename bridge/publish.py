@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from typing import Any
 
 from aiohttp import web
@@ -17,13 +16,14 @@ from prometheus_client import Counter, Histogram
 
 from bridge.unavailable import NATS_UNAVAILABLE
 from gitfaas import natsconn, safejson
+from gitfaas.jspublish import EXPECTED_STREAM
 from gitfaas.logs import get_logger
 from gitfaas.message import request_headers
 from gitfaas.metrics import json_answer, json_error
 from gitfaas.publishing import WAITS, content_type_refusal, declares_json, too_large, wait_status
 from gitfaas.replay import ReplayError, stored_message
 from gitfaas.runs import is_run_finished, run_view
-from gitfaas.subjects import HEADER_PARENT, InvalidName, check_topic
+from gitfaas.subjects import HEADER_PARENT, InvalidName, check_topic, new_request_id
 
 log = get_logger("gitfaas.bridge")
 
@@ -51,21 +51,6 @@ RESERVED_QUERY = frozenset({"wait", "timeout", "parent"})
 PUBLISH_TIMEOUT_SECONDS = 5.0
 DEFAULT_WAIT_SECONDS = 30.0
 MAX_WAIT_SECONDS = 300.0
-
-
-async def read_limited(request: web.Request, limit: int) -> bytes | None:
-    """The body, or None as soon as more than `limit` bytes have arrived.
-
-    Enforced while reading (a chunked upload has no Content-Length to check first): never more than
-    `limit` + 1 bytes are read into the body, whatever the client goes on sending. (aiohttp's own
-    `client_max_size` behaves alike in `request.read()`; this does not depend on that setting.)
-    """
-    body = bytearray()
-    while chunk := await request.content.read(min(65536, limit + 1 - len(body))):
-        body += chunk
-        if len(body) > limit:
-            return None
-    return bytes(body)
 
 
 def wait_timeout(request: web.Request) -> float | web.Response:
@@ -107,7 +92,8 @@ class PublishRoutes:
         timeout = wait_timeout(request)
         if isinstance(timeout, web.Response):
             return timeout
-        if self.bridge.nc is None or self.bridge.js is None or not self.bridge.nc.is_connected:
+        publisher = self.bridge.publisher
+        if publisher is None or not publisher.nc.is_connected:
             return json_error(503, "NATS is unavailable; the message was not accepted")
         params = [(k, v) for k, v in request.query.items() if k not in RESERVED_QUERY]
         # No configuration yet, an unknown topic, or a parameter that no value and no default gives.
@@ -121,8 +107,9 @@ class PublishRoutes:
         limit = self.bridge.settings.max_payload_bytes
         if request.content_length is not None and request.content_length > limit:
             return json_error(413, too_large(limit))
-        body = await read_limited(request, limit)
-        if body is None:
+        try:  # aiohttp counts while reading (a chunked upload has no length): never more than the limit + a chunk
+            body = await request.read()  # bounded by client_max_size = MAX_PAYLOAD_BYTES (bridge/app.py)
+        except web.HTTPRequestEntityTooLarge:
             return json_error(413, too_large(limit))
         if declares_json(content_type):
             try:
@@ -130,7 +117,7 @@ class PublishRoutes:
             except (ValueError, UnicodeDecodeError) as exc:
                 return json_error(400, f"body is not valid JSON: {exc}")
 
-        request_id = str(uuid.uuid4())
+        request_id = new_request_id()
         # A parent, an Idempotency-Key and the content type travel in NATS headers: `request_headers`
         # checks each (a request id's charset and length, visible ASCII) and refuses with a 400.
         parent = request.query.get("parent") or request.headers.get(HEADER_PARENT)
@@ -145,13 +132,12 @@ class PublishRoutes:
         except InvalidName as exc:
             return json_error(400, str(exc))
         # nats-server counts the headers too, and closes the connection of a client that goes over.
-        max_payload = self.bridge.nc.max_payload
-        if natsconn.wire_size(body, {**headers, "Nats-Expected-Stream": self.bridge.settings.stream}) > max_payload:
+        max_payload = publisher.nc.max_payload
+        if natsconn.wire_size(body, {**headers, EXPECTED_STREAM: publisher.stream}) > max_payload:
             return json_error(413, f"the message (body and headers) is larger than NATS accepts ({max_payload} bytes)")
 
         try:
-            ack = await self.bridge.js.publish(self.bridge.subjects.topic(topic), body, headers=headers,
-                                        stream=self.bridge.settings.stream, timeout=PUBLISH_TIMEOUT_SECONDS)
+            ack = await publisher.publish(self.bridge.subjects.topic(topic), body, headers)
         except NATS_UNAVAILABLE as exc:
             log.warning("publish not stored", topic=topic, error=str(exc) or type(exc).__name__)
             return json_error(503, "JetStream did not store the message; it was not accepted: "

@@ -10,7 +10,6 @@ import asyncio
 import json
 import sys
 import tempfile
-import uuid
 from difflib import get_close_matches
 from pathlib import Path
 from typing import Any, TextIO
@@ -30,7 +29,7 @@ from consumer.render import CompiledDocument, RenderError
 from consumer.variables import MessageValues
 from gitfaas.publishing import TopicParameters, is_parameter
 from gitfaas.settings import Settings
-from gitfaas.subjects import BUILTIN_VARIABLES
+from gitfaas.subjects import BUILTIN_VARIABLES, new_request_id
 
 SAMPLE = "sample"
 
@@ -251,7 +250,7 @@ def render(settings: Settings, repo: str, topic: str, message: bytes, params: di
             if defaults := {k: v for k, v in found.defaults.items() if k not in params}:
                 print("gitfaas render: defaults from config.json: "
                       + ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(defaults.items())), file=sys.stderr)
-        request_id = str(uuid.uuid4())
+        request_id = new_request_id()
         documents = render_request(settings, config, Request(
             topic=topic, request_id=request_id, identity=request_id, stream_seq=0, body=message, params=params))
     except ConfigurationError as exc:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import uuid
 from collections.abc import Callable
 from typing import Any, TextIO
 
@@ -25,7 +24,7 @@ from gitfaas.publishing import WAITS, ConfigurationView, too_large, wait_sentenc
 from gitfaas.replay import ReplayError, dead_letter, dead_letters, purge_dead, redrive, replay_request, replay_topic
 from gitfaas.settings import Settings
 from gitfaas.status import StatusStore
-from gitfaas.subjects import CONFIG_BUCKET, CONFIG_KEY, InvalidName, Subjects, check_topic
+from gitfaas.subjects import CONFIG_BUCKET, CONFIG_KEY, InvalidName, Subjects, check_topic, new_request_id
 from gitfaas.timespec import parse_since
 
 PUBLISH_TIMEOUT_SECONDS = 5.0
@@ -175,7 +174,7 @@ async def publish(settings: Settings, topic: str, data: bytes, params: list[tupl
     """
     try:
         check_topic(topic)
-        request_id = str(uuid.uuid4())
+        request_id = new_request_id()
         headers = request_headers(request_id, params)
     except InvalidName as exc:
         print(f"gitfaas publish: {exc}", file=sys.stderr)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +25,7 @@ from prometheus_client import Counter
 from gitfaas.logs import get_logger
 from gitfaas.message import request_headers
 from gitfaas.schedules import HEADER_SCHEDULE, next_tick, previous_tick, tick_text
-from gitfaas.subjects import HEADER_MSG_ID, Subjects
+from gitfaas.subjects import HEADER_MSG_ID, Subjects, new_request_id
 
 log = get_logger("gitfaas.schedules")
 
@@ -121,7 +120,7 @@ class Scheduler:
             return False  # published already, longer ago than the duplicate window remembers
         js = self.consumer.js
         settings = self.consumer.settings
-        headers = request_headers(str(uuid.uuid4()), idempotency_key=message_id(name, tick))
+        headers = request_headers(new_request_id(), idempotency_key=message_id(name, tick))
         headers[HEADER_SCHEDULE] = tick_text(tick)
         assert headers[HEADER_MSG_ID]
         ack = await js.publish(Subjects(settings.subject_prefix).topic(name), body_of(topic.message),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,6 +34,7 @@ from gitfaas.subjects import (
     HEADER_REQUEST_ID,
     HEADER_STREAM_SEQ,
     Subjects,
+    new_request_id,
 )
 
 # Headers a replay carries over: what the message said, not who sent it or when.
@@ -101,7 +101,7 @@ async def republish(js: JetStreamContext, settings: Settings, original: StoredMe
     headers = {k: v for k, v in original.headers.items()
                if (k.lower() in _KEPT or k.lower().startswith(_KEPT_PREFIXES)) and HEADER_NAME.fullmatch(k)}
     headers.update(extra or {})
-    new_id = str(uuid.uuid4())
+    new_id = new_request_id()
     parent = parent or original.request_id
     headers[HEADER_REQUEST_ID] = new_id
     headers[HEADER_PARENT] = parent

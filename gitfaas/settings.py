@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from gitfaas.cpus import usable_cpus
+
 DEFAULT_BANNED_KINDS = (
     "Role",
     "RoleBinding",
@@ -55,7 +57,9 @@ class Settings:
     bridge_port: int = 5000
     bridge_token: str | None = dataclasses.field(default=None, repr=False)
     max_payload_bytes: int = 65536
-    bridge_workers: int = 1  # processes on the bridge port (issue 17); "auto": the CPUs it may use, at most 8
+    # Processes on the bridge port (issue 17). The environment's default is "auto" (the CPUs the process may
+    # use, at most 8); a Settings built in code (tests, `gitfaas up`) keeps one.
+    bridge_workers: int = 1
     # Consumer
     git_url: str = ""
     git_branch: str = "main"
@@ -131,7 +135,7 @@ class Settings:
             bridge_port=reader.port("BRIDGE_PORT", cls.bridge_port),
             bridge_token=reader.optional("BRIDGE_TOKEN"),
             max_payload_bytes=reader.integer("MAX_PAYLOAD_BYTES", cls.max_payload_bytes),
-            bridge_workers=_workers(reader.text("BRIDGE_WORKERS", str(cls.bridge_workers))),
+            bridge_workers=_workers(reader.text("BRIDGE_WORKERS", "auto")),
             git_url=reader.text("GIT_URL", ""),
             git_branch=reader.text("GIT_BRANCH", reader.text("GIT_PULL_BRANCH", cls.git_branch)),
             git_user_name=reader.optional("GIT_USER_NAME"),
@@ -238,10 +242,13 @@ class _Reader:
         return tuple(word for word in raw.replace(",", " ").split() if word)
 
 
+MAX_AUTO_WORKERS = 8  # past that, one bridge's NATS connection per worker costs more than it brings
+
+
 def _workers(raw: str) -> int:
     """`BRIDGE_WORKERS`: a count (1 or more) or `auto` (the CPUs this process may use, at most 8)."""
     if raw.strip().lower() == "auto":
-        return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+        return min(MAX_AUTO_WORKERS, usable_cpus())
     try:
         value = int(raw)
     except ValueError:

@@ -39,7 +39,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("BRIDGE_PORT", (BRIDGE,), "HTTP port (default 5000)"),
     Variable("BRIDGE_TOKEN", (BRIDGE,), "when set, every route but health and metrics needs this bearer token"),
     Variable("BRIDGE_WORKERS", (BRIDGE,), "bridge processes sharing the port (SO_REUSEPORT), supervised by the "
-             "first: a number or auto (the CPUs it may use, at most 8); default 1"),
+             "first: a number or auto (the CPUs it may use, after its affinity and CPU quota, at most 8); "
+             "default auto"),
     Variable("MAX_PAYLOAD_BYTES", (BRIDGE,), "largest message body (default 65536)"),
     Variable("GIT_URL", (CONSUMER,), "the pipeline repository: https, ssh, file:// or a local directory"),
     Variable("GIT_BRANCH", (CONSUMER,), "branch to follow (default main; alias GIT_PULL_BRANCH)"),

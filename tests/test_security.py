@@ -613,8 +613,9 @@ async def probed_bridge(stack: Any) -> AsyncIterator[tuple[str, list[int]]]:
 
 
 async def test_a_chunked_oversized_body_is_refused_while_reading(guarded: Any) -> None:
-    """Defence: the body is read with a running count (`read_limited`): a 10 MB chunked upload, which has
-    no Content-Length to check, is refused with 413 once the limit is passed, not after buffering it."""
+    """Defence: the body is read with a running count (aiohttp's own, up to client_max_size): a 10 MB
+    chunked upload, which has no Content-Length to check, is refused with 413 once the limit is passed,
+    not after buffering it."""
     limit = guarded.settings.max_payload_bytes
     sent = 0
 
