@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -76,10 +77,12 @@ class Bridge:
         self.status: StatusStore | None = None
         self.runs: RunStore | None = None  # the run index (§11)
         self.run_routes = RunRoutes(self)  # (the other routes find requests and runs through it)
-        self.routes = (PublishRoutes(self), RequestRoutes(self), self.run_routes, TopicRoutes(self),
+        self.publish_routes = PublishRoutes(self)
+        self.routes = (self.publish_routes, RequestRoutes(self), self.run_routes, TopicRoutes(self),
                        DeadLetterRoutes(self), StatsRoutes(self), WatchRoutes(self), Dashboard())
         self._watch_task: asyncio.Task[None] | None = None
         self._token = (settings.bridge_token or "").encode()
+        self._token_digest = hashlib.sha256(self._token).digest()
         self._stopping = False
         self._reestablishing: asyncio.Task[None] | None = None
         self.reconnects = 0  # connections re-established after NATS closed one
@@ -198,6 +201,9 @@ class Bridge:
 
     @web.middleware
     async def _errors_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        return await self.guarded(request, handler)
+
+    async def guarded(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Every error is JSON with a sentence, including aiohttp's own (404 route, 405, 413)."""
         try:
             return await handler(request)
@@ -217,21 +223,24 @@ class Bridge:
     async def _auth_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """`BRIDGE_TOKEN`: every route but health, readiness and metrics needs `Authorization: Bearer`.
 
-        Open or not is decided by the route the router matched, not by the path text, and the token
-        is compared in constant time.
+        Open or not is decided by the route the router matched, not by the path text.
         """
-        if not self._token:
-            return await handler(request)
         resource = request.match_info.route.resource
         if resource is not None and resource.canonical in OPEN_ROUTES:
             return await handler(request)
+        return self.refused(request) or await handler(request)
+
+    def refused(self, request: web.Request) -> web.Response | None:
+        """The 401 answer when a token is set and the request does not carry it (compared in constant time)."""
+        if not self._token:
+            return None
         scheme, _, credential = request.headers.get("Authorization", "").strip().partition(" ")
         given = hashlib.sha256(credential.strip().encode("utf-8", errors="replace")).digest()
-        if not hmac.compare_digest(given, hashlib.sha256(self._token).digest()) or scheme.lower() != "bearer":
-            response = json_error(401, "missing or wrong bearer token (Authorization: Bearer <BRIDGE_TOKEN>)")
-            response.headers["WWW-Authenticate"] = 'Bearer realm="gitfaas"'
-            return response
-        return await handler(request)
+        if hmac.compare_digest(given, self._token_digest) and scheme.lower() == "bearer":
+            return None
+        response = json_error(401, "missing or wrong bearer token (Authorization: Bearer <BRIDGE_TOKEN>)")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="gitfaas"'
+        return response
 
     # ---- health ----------------------------------------------------------------------------
 
@@ -258,12 +267,40 @@ class Bridge:
 WORKER_CONFIG_WAIT_SECONDS = 10.0  # no configuration yet (a new deployment): listen anyway, as one bridge does
 
 
+# `POST /publish/<topic>` is the hot path (issue 17): the bridge answers it before aiohttp's router and
+# middleware chain, which took ~12% of a publish's CPU, with the same checks in the same order (errors
+# as JSON, the token, then the route). Only a plain path takes this way; anything else (percent-escapes,
+# a trailing slash, `Expect: 100-continue`, which the router's expect handler answers) goes through the
+# application as before, so both ways give the same answers.
+_DIRECT_PUBLISH = re.compile(r"/publish/([A-Za-z0-9_.-]+)(?:\?.*)?", re.S)
+
+
+def direct_publish(bridge: Bridge, through_app: Handler) -> Handler:
+    """The server's request handler: `POST /publish/<topic>` straight to the publish route, the rest to the app."""
+    publish = bridge.publish_routes
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        match = _DIRECT_PUBLISH.fullmatch(request.raw_path) if request.method == "POST" else None
+        if match is None or "Expect" in request.headers:
+            return await through_app(request)
+        topic = match[1]
+
+        async def publish_to_topic(request: web.Request) -> web.StreamResponse:
+            return bridge.refused(request) or await publish.handle(request, topic)
+
+        return await bridge.guarded(request, publish_to_topic)
+
+    return handle
+
+
 async def serve(bridge: Bridge, host: str, port: int, reuse_port: bool = False) -> web.AppRunner:
     """Start the HTTP server; the caller cleans the returned runner up.
 
     `reuse_port`: a worker of several on one port (SO_REUSEPORT, `bridge/workers.py`)."""
     runner = JsonErrorsRunner(bridge.app(), access_log=None)  # parser errors answered in JSON too
     await runner.setup()
+    assert runner.server is not None
+    runner.server.request_handler = direct_publish(bridge, runner.server.request_handler)
     await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
     return runner
 

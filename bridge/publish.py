@@ -53,6 +53,24 @@ DEFAULT_WAIT_SECONDS = 30.0
 MAX_WAIT_SECONDS = 300.0
 
 
+# What a Content-Type header says, by its text: aiohttp parses the header anew for every request. Bounded:
+# a client choosing a new header text each time only keeps the table small.
+_CONTENT_TYPES: dict[str, tuple[str, str | None, bool]] = {}
+
+
+def _content_type(request: web.Request) -> tuple[str, str | None, bool]:
+    """(media type, why it is refused or None, whether the body must be JSON)."""
+    raw = request.headers.get("Content-Type") or ""
+    known = _CONTENT_TYPES.get(raw)
+    if known is None:
+        media_type = request.content_type if raw else ""
+        known = (media_type, content_type_refusal(media_type), declares_json(media_type))
+        if len(_CONTENT_TYPES) >= 256:
+            _CONTENT_TYPES.clear()
+        _CONTENT_TYPES[raw] = known
+    return known
+
+
 def wait_timeout(request: web.Request) -> float | web.Response:
     """`?timeout=S` of a wait, or the error answer."""
     try:
@@ -72,8 +90,11 @@ class PublishRoutes:
         app.router.add_post("/publish/{topic}", self.publish)
 
     async def publish(self, request: web.Request) -> web.Response:
+        return await self.handle(request, request.match_info["topic"])
+
+    async def handle(self, request: web.Request, topic: str) -> web.Response:
+        """A publish to `topic`, from the router or from the bridge's direct route (`bridge.app.serve`)."""
         started = time.perf_counter()
-        topic = request.match_info["topic"]
         response = await self._publish(request, topic)
         label = topic if topic in self.bridge.known_topics else "-"
         _count_publish(label, response.status)
@@ -86,22 +107,22 @@ class PublishRoutes:
             check_topic(topic)
         except InvalidName as exc:
             return json_error(400, str(exc))
-        wait = request.query.get("wait")
+        query = request.query
+        wait = query.get("wait") if query else None
         if wait is not None and wait not in (*WAITS, "run"):
             return json_error(400, f"wait must be {', '.join(repr(w) for w in WAITS)} or 'run'")
-        timeout = wait_timeout(request)
+        timeout = wait_timeout(request) if query else DEFAULT_WAIT_SECONDS
         if isinstance(timeout, web.Response):
             return timeout
         publisher = self.bridge.publisher
         if publisher is None or not publisher.nc.is_connected:
             return json_error(503, "NATS is unavailable; the message was not accepted")
-        params = [(k, v) for k, v in request.query.items() if k not in RESERVED_QUERY]
+        params = [(k, v) for k, v in query.items() if k not in RESERVED_QUERY] if query else []
         # No configuration yet, an unknown topic, or a parameter that no value and no default gives.
         refusal = self.bridge.configuration.refusal(topic, {name for name, _ in params})
         if refusal is not None:
             return json_error(refusal.status, refusal.error)
-        content_type = request.content_type if request.headers.get("Content-Type") else ""
-        refused_type = content_type_refusal(content_type)
+        content_type, refused_type, is_json = _content_type(request)
         if refused_type is not None:
             return json_error(415, refused_type)
         limit = self.bridge.settings.max_payload_bytes
@@ -111,7 +132,7 @@ class PublishRoutes:
             body = await request.read()  # bounded by client_max_size = MAX_PAYLOAD_BYTES (bridge/app.py)
         except web.HTTPRequestEntityTooLarge:
             return json_error(413, too_large(limit))
-        if declares_json(content_type):
+        if is_json:
             try:
                 safejson.validate(body or b"null")  # nested at most MAX_JSON_DEPTH levels, as the consumer reads it
             except (ValueError, UnicodeDecodeError) as exc:

@@ -154,7 +154,7 @@ def check_idempotency_key(value: str) -> str:
 
 def check_content_type(value: str) -> str:
     """A content type as it is carried in a header: printable ASCII, bounded."""
-    if len(value) > MAX_CONTENT_TYPE_LENGTH or not all(" " <= c <= "~" for c in value):
+    if len(value) > MAX_CONTENT_TYPE_LENGTH or not (value.isascii() and value.isprintable()):  # " " to "~"
         raise InvalidName(f"Content-Type is not valid: at most {MAX_CONTENT_TYPE_LENGTH} printable ASCII "
                           "characters")
     return value
