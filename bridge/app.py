@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import os
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -312,6 +313,11 @@ async def run(settings: Settings, worker: bool = False) -> None:
 
         await supervise(settings)
         return
+    follower = None
+    if worker:  # started by bridge/workers.py: stop when the supervisor is gone
+        from bridge.workers import follow_supervisor
+
+        follower = asyncio.create_task(follow_supervisor(os.getppid()), name="bridge-follow-supervisor")
     bridge = Bridge(settings)
     await bridge.start()
     if worker:  # a replacement worker takes connections once it knows the topics its siblings know
@@ -325,5 +331,7 @@ async def run(settings: Settings, worker: bool = False) -> None:
         await asyncio.Event().wait()
     finally:
         log.info("bridge stopping: finishing the requests in flight")
+        if follower is not None:
+            follower.cancel()
         await runner.cleanup()
         await bridge.stop()

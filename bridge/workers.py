@@ -8,6 +8,9 @@ waits for each to drain (the aiohttp runner finishes in-flight requests before i
 `/metrics` stays one coherent view through Prometheus' multiprocess mode: the workers share a
 directory (`PROMETHEUS_MULTIPROC_DIR`, made and removed here), and whichever worker answers adds up
 every worker's counters and histograms, including those of workers that died and were replaced.
+
+A worker whose supervisor is gone (SIGKILL, out of memory) stops by itself, draining as on SIGTERM
+(`follow_supervisor`): otherwise it would keep the port, unsupervised, after its bridge "stopped".
 """
 
 from __future__ import annotations
@@ -84,6 +87,18 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     process.send_signal(signal.SIGTERM)
         await asyncio.gather(*(process.wait() for process in self.workers.values()))
+
+
+SUPERVISOR_CHECK_SECONDS = 0.5
+
+
+async def follow_supervisor(supervisor: int) -> None:
+    """In a worker: once the supervisor process is gone (the worker was re-parented), stop this worker
+    as SIGTERM would. Polls the parent pid: portable, unlike Linux's parent-death signal."""
+    while os.getppid() == supervisor:  # noqa: ASYNC110 — nothing to wait on: a parent's death sends no event
+        await asyncio.sleep(SUPERVISOR_CHECK_SECONDS)
+    log.warning("bridge supervisor is gone, stopping this worker", supervisor_pid=supervisor)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 async def supervise(settings: Settings) -> None:

@@ -108,7 +108,15 @@ async def test_sigterm_drains_every_in_flight_publish_of_every_worker(workers) -
     request = (b"POST /publish/hello HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                b"Content-Length: %d\r\n\r\n" % len(body) + body)
     connections = [await asyncio.open_connection("127.0.0.1", running.port) for _ in range(64)]
-    await asyncio.sleep(0.3)  # accepted by the workers (the kernel spreads them over both)
+    # Each connection served once (keep-alive), so a worker has accepted it: the kernel spreads them over both.
+    for _reader, writer in connections:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    for reader, _ in connections:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        await reader.readexactly(length)
     for _, writer in connections:
         writer.write(request)
     await asyncio.gather(*(writer.drain() for _, writer in connections))
@@ -119,3 +127,25 @@ async def test_sigterm_drains_every_in_flight_publish_of_every_worker(workers) -
         writer.close()
     assert await asyncio.to_thread(running.process.wait, 30) == 0
     assert not children(running.process.pid)
+
+
+async def test_workers_stop_when_their_supervisor_is_killed(workers) -> None:
+    """A SIGKILLed supervisor cannot stop its workers: they notice they were re-parented and stop
+    themselves, draining as on SIGTERM, so nothing keeps the port unsupervised."""
+    running, _ = workers
+    orphans = children(running.process.pid)
+    assert len(orphans) == 2
+    running.process.kill()
+    running.process.wait(10)
+
+    def gone(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        return state == "Z"  # exited, waiting for its new parent to reap it
+
+    await wait_for(lambda: all(gone(pid) for pid in orphans), timeout=15, message="the orphaned workers stop")
+    assert "bridge supervisor is gone" in running.log_path.read_text()
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", running.port)  # nobody listens on the port any more
