@@ -56,5 +56,15 @@ clean:
 	rm -rf $(VENV) .lock-venv .gitfaas .pytest_cache
 
 # Issue #8: the five benchmarks, their tables, and bench/RESULTS.md (a few minutes; not part of `test`).
+# B1 loads the bridge with wrk (Debian's package; installed here when root with apt-get, as .ci/run does
+# for chromium): without it, B1 falls back to aiohttp client processes that take the CPUs the bridge needs.
 bench: $(VENV)/.test
+	@command -v wrk >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "make bench: installing wrk, B1's load generator"; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null 2>&1 || \
+			{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }; \
+		else \
+			echo "make bench: wrk is missing (apt-get install wrk); B1 falls back to aiohttp clients" >&2; \
+		fi; }
 	$(BIN)/python -m bench

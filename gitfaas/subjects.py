@@ -120,6 +120,9 @@ def _reset_random_pool() -> None:
 os.register_at_fork(after_in_child=_reset_random_pool)  # a forked child must not reuse its parent's bytes
 
 
+_VARIANT_DIGIT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+
+
 def new_request_id() -> str:
     """A new request id: a random UUID (version 4) in its usual text form.
 
@@ -130,11 +133,10 @@ def new_request_id() -> str:
     global _random_pool, _random_at
     if _random_at + 16 > len(_random_pool):
         _random_pool, _random_at = os.urandom(_RANDOM_POOL_BYTES), 0
-    value = int.from_bytes(_random_pool[_random_at:_random_at + 16])
+    text = _random_pool[_random_at:_random_at + 16].hex()
     _random_at += 16
-    # RFC 9562: version 4 in the high nibble of byte 6, variant 10 in the top bits of byte 8.
-    text = ((value & ~(0xF000 << 64) & ~(0xC000 << 48)) | (0x4000 << 64) | (0x8000 << 48)).to_bytes(16).hex()
-    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+    # RFC 9562: version 4 as the 13th hex digit, the variant (binary 10xx) in the 17th.
+    return f"{text[:8]}-{text[8:12]}-4{text[13:16]}-{_VARIANT_DIGIT[text[16]]}{text[17:20]}-{text[20:]}"
 
 
 def check_given_request_id(value: str, what: str = "request id") -> str:
