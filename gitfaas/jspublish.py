@@ -43,6 +43,34 @@ class Ack:
     duplicate: bool
 
 
+def read_ack(data: bytes) -> Ack | Exception:
+    """JetStream's answer to a publish: the ack, or the exception `js.publish` would raise.
+
+    An error answer may carry a `seq` too (nats-server 2.15 sends `"seq": 0` with a refusal): the
+    error is looked at first, so a refused message is never taken for a stored one.
+    """
+    try:
+        answer = loads_trusted(data)  # from nats-server, small
+    except ValueError:
+        return nats.js.errors.APIError(description="unreadable JetStream ack")
+    if not isinstance(answer, dict):
+        return nats.js.errors.APIError(description="unexpected JetStream ack")
+    error = answer.get("error")
+    if error is not None:
+        if not isinstance(error, dict) or "code" not in error:
+            return nats.js.errors.APIError(description="unexpected JetStream error")
+        try:
+            nats.js.errors.APIError.from_error(error)  # nats-py raises the error rather than returning it
+        except nats.js.errors.APIError as refused:
+            return refused
+        except TypeError:  # fields nats-py does not know
+            return nats.js.errors.APIError(code=error.get("code"), description=str(error.get("description")))
+    try:
+        return Ack(int(answer["seq"]), bool(answer.get("duplicate", False)))
+    except (KeyError, TypeError, ValueError):
+        return nats.js.errors.APIError(description="unexpected JetStream ack")
+
+
 class AckedPublisher:
     """Publish to a stream and wait for JetStream's ack, with one timeout for every publish."""
 
@@ -56,6 +84,7 @@ class AckedPublisher:
         self._pending: dict[str, tuple[asyncio.Future[Ack], float]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._subscription = None
+        self._closed = False
 
     async def start(self) -> None:
         self._prefix = self.nc.new_inbox() + "."
@@ -64,6 +93,7 @@ class AckedPublisher:
 
     async def close(self) -> None:
         """Stop sweeping and fail what is still waiting (its connection is going away)."""
+        self._closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -83,6 +113,8 @@ class AckedPublisher:
         Raises what `js.publish` raises: nats.errors.TimeoutError, ConnectionClosedError and the
         like from the connection, nats.js.errors.APIError / NoStreamResponseError from JetStream.
         """
+        if self._closed:
+            raise nats.errors.ConnectionClosedError
         loop = asyncio.get_running_loop()
         token = str(next(self._tokens))
         future: asyncio.Future[Ack] = loop.create_future()
@@ -103,17 +135,11 @@ class AckedPublisher:
         if not msg.data and msg.headers and msg.headers.get(_STATUS) == _NO_RESPONDERS:
             future.set_exception(nats.js.errors.NoStreamResponseError())
             return
-        try:
-            answer = loads_trusted(msg.data)  # from nats-server, small
-        except ValueError:
-            future.set_exception(nats.js.errors.APIError(description="unreadable JetStream ack"))
-            return
-        if not isinstance(answer, dict) or "seq" not in answer:
-            error = answer.get("error") if isinstance(answer, dict) else None
-            future.set_exception(nats.js.errors.APIError.from_error(error) if isinstance(error, dict)
-                                 else nats.js.errors.APIError(description="unexpected JetStream ack"))
-            return
-        future.set_result(Ack(int(answer["seq"]), bool(answer.get("duplicate", False))))
+        outcome = read_ack(msg.data)
+        if isinstance(outcome, Ack):
+            future.set_result(outcome)
+        else:
+            future.set_exception(outcome)
 
     async def _sweep(self) -> None:
         interval = max(0.05, min(0.25, self.timeout / 10))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from urllib.parse import quote, unquote
 
 # A topic is one or more NATS subject tokens; never a wildcard, a space or an empty token.
@@ -110,11 +111,12 @@ def check_request_id(value: str, what: str = "request id") -> str:
 _RANDOM_POOL_BYTES = 4096
 _random_pool = b""
 _random_at = 0
+_random_lock = threading.Lock()
 
 
 def _reset_random_pool() -> None:
-    global _random_pool, _random_at
-    _random_pool, _random_at = b"", 0
+    global _random_pool, _random_at, _random_lock
+    _random_pool, _random_at, _random_lock = b"", 0, threading.Lock()
 
 
 os.register_at_fork(after_in_child=_reset_random_pool)  # a forked child must not reuse its parent's bytes
@@ -131,10 +133,11 @@ def new_request_id() -> str:
     hot path (issue 17), and builds a `UUID` object only to print it.
     """
     global _random_pool, _random_at
-    if _random_at + 16 > len(_random_pool):
-        _random_pool, _random_at = os.urandom(_RANDOM_POOL_BYTES), 0
-    text = _random_pool[_random_at:_random_at + 16].hex()
-    _random_at += 16
+    with _random_lock:  # threads must not share bytes (uuid4 never repeats across threads either)
+        if _random_at + 16 > len(_random_pool):
+            _random_pool, _random_at = os.urandom(_RANDOM_POOL_BYTES), 0
+        text = _random_pool[_random_at:_random_at + 16].hex()
+        _random_at += 16
     # RFC 9562: version 4 as the 13th hex digit, the variant (binary 10xx) in the 17th.
     return f"{text[:8]}-{text[8:12]}-4{text[13:16]}-{_VARIANT_DIGIT[text[16]]}{text[17:20]}-{text[20:]}"
 

@@ -289,9 +289,6 @@ async def test_other_requests_on_publish_paths_go_through_the_application(open_e
     assert await open_edge.stored() == 0
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="gitfaas/jspublish.py takes JetStream's error ack (it has \"seq\": 0) for an ack: the "
-                          "bridge answers 202 with stream_seq 0. Remove the mark with the fix.")
 async def test_a_publish_jetstream_refuses_is_not_accepted(open_edge: Edge) -> None:
     """The bridge never answers 202 for a message JetStream has not stored: here the stream refuses
     messages over 500 bytes, headers included (JetStream's error ack, err_code 10054): a 900-byte body is a 503."""

@@ -23,18 +23,6 @@ def affinity() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def own_cgroup_v2_path() -> str | None:
-    """This process's cgroup v2 path from /proc/self/cgroup ("0::<path>"), or None."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        if line.startswith("0::"):
-            return line[3:].strip()
-    return None
-
-
 def cgroup_v2(root: Path, cpu_max: str) -> Path:
     """A cgroup v2 root holding `cpu.max` (the file a container sees as its own)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -104,14 +92,34 @@ def test_v2_garbage_is_no_quota(tmp_path: Path, garbage: str) -> None:
     assert usable_cpus(root) == affinity()
 
 
-def test_the_own_cgroup_v2_file_is_preferred_to_the_roots(tmp_path: Path) -> None:
-    own = own_cgroup_v2_path()
-    if own is None or own.strip("/") == "":
-        pytest.skip(f"this process's cgroup v2 path is the root ({own!r}): nothing else to prefer")
-    root = cgroup_v2(tmp_path, "400000 100000")
-    (root / own.strip("/")).mkdir(parents=True)
-    (root / own.strip("/") / "cpu.max").write_text("100000 100000")
-    assert cgroup_cpu_quota(root) == pytest.approx(1.0)
+def test_the_smallest_quota_from_the_own_cgroup_up_to_the_root_counts(tmp_path: Path) -> None:
+    """A quota on a parent (a Kubernetes pod, a systemd slice) holds the process as much as its own."""
+    proc = tmp_path / "proc-self-cgroup"
+    proc.write_text("0::/kubepods/pod1/ctr\n")
+    root = cgroup_v2(tmp_path / "fs", "max 100000")
+    for path, cpu_max in (("kubepods/pod1", "150000 100000"), ("kubepods/pod1/ctr", "max 100000")):
+        (root / path).mkdir(parents=True)
+        (root / path / "cpu.max").write_text(cpu_max)
+    assert cgroup_cpu_quota(root, proc) == pytest.approx(1.5)
+    assert usable_cpus(root, proc) == min(2, affinity())
+    (root / "kubepods/pod1/ctr/cpu.max").write_text("50000 100000")  # the own cgroup is tighter still
+    assert cgroup_cpu_quota(root, proc) == pytest.approx(0.5)
+    assert usable_cpus(root, proc) == 1
+    proc.write_text("0::/elsewhere\n")  # another cgroup: the pod's quota does not apply
+    assert cgroup_cpu_quota(root, proc) is None
+
+
+def test_v1_reads_the_cpu_controllers_own_path_and_its_parents(tmp_path: Path) -> None:
+    proc = tmp_path / "proc-self-cgroup"
+    proc.write_text("4:memory:/other\n3:cpu,cpuacct:/system.slice/gitfaas.service\n0::/\n")
+    root = cgroup_v1(tmp_path / "fs", "-1\n", "100000\n")
+    service = root / "cpu" / "system.slice" / "gitfaas.service"
+    service.mkdir(parents=True)
+    (service / "cpu.cfs_quota_us").write_text("250000\n")
+    (service / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_quota(root, proc) == pytest.approx(2.5)
+    assert usable_cpus(root, proc) == min(3, affinity())
+    assert cgroup_cpu_quota(root, tmp_path / "no-such-file") is None  # unknown own path: the root's only
 
 
 # ---- cgroup v1: cpu/cpu.cfs_quota_us and cpu/cpu.cfs_period_us -------------------------------

@@ -23,7 +23,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
 from gitfaas.embedded import EmbeddedNats
-from gitfaas.jspublish import EXPECTED_STREAM, Ack, AckedPublisher
+from gitfaas.jspublish import EXPECTED_STREAM, Ack, AckedPublisher, read_ack
 from tests.conftest import wait_for
 
 STREAM = "JSP"
@@ -137,14 +137,6 @@ async def test_a_repeated_message_id_is_a_duplicate_with_the_first_sequence(jet:
 
 # ---- refusals: what js.publish raises ------------------------------------------------------------
 
-# JetStream's error ack is {"error": {...}, "stream": "JSP", "seq": 0}: `_on_ack` takes any answer with a "seq"
-# for an ack, so the refusal comes back as Ack(seq=0) (and nats-py's `APIError.from_error` raises, it does
-# not return, so an error ack without "seq" leaves its publish waiting for ever). Remove the marks with the fix.
-ERROR_ACK_BUG = pytest.mark.xfail(strict=True, raises=(AssertionError, pytest.fail.Exception),
-                                  reason="gitfaas/jspublish.py: an error ack is not an APIError")
-
-
-@ERROR_ACK_BUG
 async def test_a_subject_of_another_stream_is_refused_with_an_api_error(jet: Jet) -> None:
     """The publisher names OTHER in Nats-Expected-Stream; JSP stores jsp.>: JetStream answers with an
     error ack (code 400, err_code 10060), nothing is stored, and the publisher keeps working."""
@@ -185,7 +177,6 @@ async def test_a_subject_no_stream_stores_is_refused_at_once_with_no_stream_resp
     assert await jet.stored() == 1
 
 
-@ERROR_ACK_BUG
 async def test_acks_that_are_not_acks_are_api_errors(jet: Jet) -> None:
     """A responder on the subject answers with something that is not a JetStream ack: unreadable, not an
     object, or an error without a sequence. Each publish fails with an APIError (never hangs, never succeeds)."""
@@ -254,3 +245,27 @@ async def test_close_fails_the_publishes_in_flight_with_connection_closed(jet: J
                 await settled(task)
         assert time.monotonic() - started < 1.0, "failed by close(), not by a timeout"
         assert publisher.pending == 0
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    (b'{"stream":"S","seq":7}', Ack(7, False)),
+    (b'{"stream":"S","seq":7,"duplicate":true}', Ack(7, True)),
+    # A refusal carries "seq": 0 too: the error decides.
+    (b'{"error":{"code":400,"err_code":10060,"description":"expected stream does not match"},"stream":"S","seq":0}',
+     "expected stream does not match"),
+    (b'{"error":{"code":503,"description":"no leader"}}', "no leader"),
+    (b'{"error":{"code":400,"description":"x","unknown_field":1}}', "x"),
+    (b'{"error":"a string"}', "unexpected JetStream error"),
+    (b'{"error":{"description":"no code"}}', "unexpected JetStream error"),
+    (b'{"stream":"S"}', "unexpected JetStream ack"),
+    (b'{"seq":"seven"}', "unexpected JetStream ack"),
+    (b"[1,2]", "unexpected JetStream ack"),
+    (b"not json", "unreadable JetStream ack"),
+])
+def test_every_answer_to_a_publish_is_an_ack_or_the_error_js_publish_would_raise(data: bytes, expected: object) -> None:
+    outcome = read_ack(data)
+    if isinstance(expected, Ack):
+        assert outcome == expected
+    else:
+        assert isinstance(outcome, nats.js.errors.APIError), outcome
+        assert expected in str(outcome.description)
