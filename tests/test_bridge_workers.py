@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -63,9 +64,11 @@ async def workers(nats_server, repo: GitRepo, tmp_path: Path) -> AsyncIterator[t
                 yield running, http
         finally:
             if process.poll() is None:
+                workers_left = children(process.pid)  # (read first: once the supervisor is gone, they are init's)
                 process.kill()
-                for pid in children(process.pid):
-                    os.kill(pid, signal.SIGKILL)
+                for pid in workers_left:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
             process.wait(10)
             log.close()
 
