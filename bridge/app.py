@@ -25,6 +25,7 @@ import hmac
 import json
 import os
 import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -285,8 +286,12 @@ def direct_publish(bridge: Bridge, through_app: Handler) -> Handler:
         match = _DIRECT_PUBLISH.fullmatch(request.raw_path) if request.method == "POST" else None
         if match is None or "Expect" in request.headers:
             return await through_app(request)
-        try:  # as `guarded` and the token middleware would, without two more coroutines per publish
-            return bridge.refused(request) or await publish.handle(request, match[1])
+        try:  # as `guarded`, the token middleware and the route would, without three more coroutines
+            refused = bridge.refused(request)
+            if refused is not None:
+                return refused
+            started = time.perf_counter()
+            return publish.counted(match[1], await publish.respond(request, match[1]), started)
         except Exception as exc:  # noqa: BLE001 — as in `guarded`
             return bridge.error_answer(request, exc)
 

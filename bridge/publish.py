@@ -19,7 +19,7 @@ from gitfaas import natsconn, safejson
 from gitfaas.jspublish import EXPECTED_STREAM
 from gitfaas.logs import get_logger
 from gitfaas.message import request_headers
-from gitfaas.metrics import json_answer, json_error
+from gitfaas.metrics import json_error
 from gitfaas.publishing import WAITS, content_type_refusal, declares_json, too_large, wait_status
 from gitfaas.replay import ReplayError, stored_message
 from gitfaas.runs import is_run_finished, run_view
@@ -45,6 +45,14 @@ def _count_publish(label: str, status: int) -> None:
         child = _PUBLISHES_CHILDREN[label, status] = PUBLISHES.labels(label, str(status))
     child.inc()
 
+
+# The 202 answer; the same document as json_answer would write for {"request_id", "topic", "stream_seq", "duplicate"}.
+ACCEPTED = b'{"request_id":"%s","topic":"%s","stream_seq":%d,"duplicate":%s}'
+# What the NATS headers of a publish can take at most: the fixed ones (request id, time, content type,
+# Idempotency-Key, parent, stream: under 1.5 KiB) and, per character of the URL, a parameter's header
+# (name, "Gitfaas-Param-", a UTF-8 character percent-encoded: under 32 bytes).
+HEADERS_BOUND = 4096
+URL_HEADER_FACTOR = 32
 
 # Query parameters that steer the bridge itself rather than becoming template variables.
 RESERVED_QUERY = frozenset({"wait", "timeout", "parent"})
@@ -90,19 +98,19 @@ class PublishRoutes:
         app.router.add_post("/publish/{topic}", self.publish)
 
     async def publish(self, request: web.Request) -> web.Response:
-        return await self.handle(request, request.match_info["topic"])
-
-    async def handle(self, request: web.Request, topic: str) -> web.Response:
-        """A publish to `topic`, from the router or from the bridge's direct route (`bridge.app.serve`)."""
         started = time.perf_counter()
-        response = await self._publish(request, topic)
-        label = topic if topic in self.bridge.known_topics else "-"
-        _count_publish(label, response.status)
+        topic = request.match_info["topic"]
+        return self.counted(topic, await self.respond(request, topic), started)
+
+    def counted(self, topic: str, response: web.Response, started: float) -> web.Response:
+        """The publish metrics of an answer (`started`: perf_counter when the request came)."""
+        _count_publish(topic if topic in self.bridge.known_topics else "-", response.status)
         if response.status == 202:
             PUBLISH_SECONDS.observe(time.perf_counter() - started)
         return response
 
-    async def _publish(self, request: web.Request, topic: str) -> web.Response:
+    async def respond(self, request: web.Request, topic: str) -> web.Response:
+        """The answer to a publish to `topic`, from the router or the bridge's direct route (`bridge.app.serve`)."""
         try:
             check_topic(topic)
         except InvalidName as exc:
@@ -126,7 +134,8 @@ class PublishRoutes:
         if refused_type is not None:
             return json_error(415, refused_type)
         limit = self.bridge.settings.max_payload_bytes
-        if request.content_length is not None and request.content_length > limit:
+        declared = request.content_length
+        if declared is not None and declared > limit:
             return json_error(413, too_large(limit))
         try:  # aiohttp counts while reading (a chunked upload has no length): never more than the limit + a chunk
             body = await request.read()  # bounded by client_max_size = MAX_PAYLOAD_BYTES (bridge/app.py)
@@ -154,20 +163,25 @@ class PublishRoutes:
             return json_error(400, str(exc))
         # nats-server counts the headers too, and closes the connection of a client that goes over.
         max_payload = publisher.nc.max_payload
-        if natsconn.wire_size(body, {**headers, EXPECTED_STREAM: publisher.stream}) > max_payload:
+        # (Counted only near the limit: the headers come from the URL and a few bounded headers, so they
+        # are at most HEADERS_BOUND + a constant times the URL's length, with room to spare.)
+        if (len(body) + HEADERS_BOUND + URL_HEADER_FACTOR * len(request.raw_path) > max_payload
+                and natsconn.wire_size(body, {**headers, EXPECTED_STREAM: publisher.stream}) > max_payload):
             return json_error(413, f"the message (body and headers) is larger than NATS accepts ({max_payload} bytes)")
 
         try:
-            ack = await publisher.publish(self.bridge.subjects.topic(topic), body, headers)
+            ack = await (await publisher.send(self.bridge.subjects.topic(topic), body, headers))
         except NATS_UNAVAILABLE as exc:
             log.warning("publish not stored", topic=topic, error=str(exc) or type(exc).__name__)
             return json_error(503, "JetStream did not store the message; it was not accepted: "
                                    f"{type(exc).__name__}")
         if ack.duplicate:
             request_id = await self._original_request_id(ack.seq) or request_id
+        if wait is None:  # the usual answer, written without a dict (a checked topic and a UUID need no escaping)
+            return web.Response(body=ACCEPTED % (request_id.encode(), topic.encode(), ack.seq,
+                                                 b"true" if ack.duplicate else b"false"),
+                                status=202, content_type="application/json")
         answer = {"request_id": request_id, "topic": topic, "stream_seq": ack.seq, "duplicate": bool(ack.duplicate)}
-        if wait is None:
-            return json_answer(answer, 202)
         return await self._wait(answer, wait, timeout)
 
     async def _wait_run(self, answer: dict[str, Any], timeout: float) -> web.Response:

@@ -85,8 +85,10 @@ class AckedPublisher:
         self._sweeper: asyncio.Task[None] | None = None
         self._subscription = None
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._prefix = self.nc.new_inbox() + "."
         self._subscription = await self.nc.subscribe(self._prefix + "*", cb=self._on_ack)
         self._sweeper = asyncio.create_task(self._sweep(), name="jetstream-ack-sweeper")
@@ -113,19 +115,25 @@ class AckedPublisher:
         Raises what `js.publish` raises: nats.errors.TimeoutError, ConnectionClosedError and the
         like from the connection, nats.js.errors.APIError / NoStreamResponseError from JetStream.
         """
+        return await (await self.send(subject, body, headers))
+
+    async def send(self, subject: str, body: bytes, headers: dict[str, str]) -> asyncio.Future[Ack]:
+        """Publish; the future of JetStream's answer, as `publish` describes it. (The bridge awaits the
+        future itself: one coroutine less to resume per publish.)"""
         if self._closed:
             raise nats.errors.ConnectionClosedError
-        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            raise RuntimeError("AckedPublisher.start() was not called")
         token = str(next(self._tokens))
-        future: asyncio.Future[Ack] = loop.create_future()
-        self._pending[token] = (future, loop.time() + self.timeout)
+        future: asyncio.Future[Ack] = self._loop.create_future()
+        self._pending[token] = (future, self._loop.time() + self.timeout)
         headers[EXPECTED_STREAM] = self.stream
         try:
             await self.nc.publish(subject, body, reply=self._prefix + token, headers=headers)
-            return await future
         except BaseException:
             self._pending.pop(token, None)
             raise
+        return future
 
     async def _on_ack(self, msg: Msg) -> None:
         entry = self._pending.pop(msg.subject[len(self._prefix):], None)
