@@ -77,7 +77,6 @@ class JobWatcher:
         self._events = events
         self._timeout = request_timeout
         self._seen: dict[tuple[str, str], tuple[str, str | None]] = {}  # (namespace, name) -> last report
-        self._open: dict[tuple[str, str], dict[str, Any]] = {}  # Jobs not finished yet, as last seen
         self._blocked: dict[tuple[str, str], str] = {}  # FailedCreate reason of Jobs that have no pod
         self._unreported: dict[tuple[str, str], dict[str, Any]] = {}  # terminal Jobs whose report failed
         self._listed: set[str] = set()  # namespaces listed at least once
@@ -115,6 +114,22 @@ class JobWatcher:
                 return {200: True, 404: False}.get(response.status)
         except Exception:  # noqa: BLE001 — "cannot tell" is an answer
             return None
+
+    async def _read(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The Job as the API server has it now; None when it is gone or cannot be read."""
+        if not namespace or not name:
+            return None
+        try:
+            response = await self._batch.read_namespaced_job(name, namespace, _preload_content=False,
+                                                             _request_timeout=self._timeout)
+            async with response:
+                if response.status != 200:
+                    return None
+                job = json.loads(await response.read())
+        except Exception as exc:  # noqa: BLE001 — the next event or the watch tells again
+            log.warning("job not read", job=name, namespace=namespace, error=str(exc) or type(exc).__name__)
+            return None
+        return job if isinstance(job, dict) else None
 
     async def _follow(self, namespace: str) -> None:
         while True:
@@ -206,7 +221,9 @@ class JobWatcher:
         self._blocked[key] = reason
         if len(self._blocked) > MAX_REMEMBERED:
             del self._blocked[next(iter(self._blocked))]
-        job = self._open.get(key)
+        # The Job is read when such an event comes (rare), rather than every open Job kept in memory: that
+        # cost ~3.6 KB per running Job (B4 grew 36 MiB per 10,000 Jobs that never finish).
+        job = await self._read(*key)
         if job is not None:
             await self._observe(job)
 
@@ -218,7 +235,6 @@ class JobWatcher:
         meta = job.get("metadata") or {}
         key = (meta.get("namespace") or "", meta.get("name") or "")
         last = self._seen.pop(key, (None, None))[0]
-        self._open.pop(key, None)
         self._blocked.pop(key, None)
         self._unreported.pop(key, None)
         if last in TERMINAL or job_state(job)[0] in TERMINAL:
@@ -232,12 +248,8 @@ class JobWatcher:
         if state not in TERMINAL and meta.get("deletionTimestamp"):
             state, reason = "failed", DELETED_REASON  # it will not finish now
         if state in TERMINAL:
-            self._open.pop(key, None)
             self._blocked.pop(key, None)
         else:
-            self._open[key] = {"metadata": meta, "status": job.get("status") or {}}
-            if len(self._open) > MAX_REMEMBERED:
-                del self._open[next(iter(self._open))]
             if (job.get("status") or {}).get("active"):
                 self._blocked.pop(key, None)  # it has pods now
             elif key in self._blocked:
