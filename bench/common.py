@@ -544,7 +544,7 @@ class Profiler:
             return False
         self.process = subprocess.Popen(
             [binary, "record", "-p", str(self.pid), "-d", str(max(1, round(self.seconds))), "-r", str(self.rate),
-             "-f", "raw", "-o", str(self.out), "--gil"],
+             "-f", "raw", "-o", str(self.out), "--gil", "--nonblocking"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return True
 
