@@ -32,6 +32,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from consumer.executors.base import JobEvent, JobEvents
+from gitfaas.jspublish import PipelinedKeyValue
 from gitfaas.logs import get_logger
 from gitfaas.message import request_id_of
 from gitfaas.runs import (
@@ -50,7 +51,7 @@ from gitfaas.runs import (
 )
 from gitfaas.settings import Settings
 from gitfaas.status import Claim, StatusStore
-from gitfaas.subjects import HEADER_PARENT
+from gitfaas.subjects import HEADER_PARENT, REQUESTS_BUCKET
 
 log = get_logger("gitfaas.runs")
 
@@ -60,6 +61,7 @@ PUBLISHED_AT: ContextVar[float | None] = ContextVar("gitfaas_published_at", defa
 SETTLE_SCAN_LIMIT = 2000  # unacknowledged stream messages looked at for a run's unhandled children
 SWEEP_SECONDS = 1.0
 TAIL_LINES = 5
+KV_WRITE_TIMEOUT_SECONDS = 5.0  # nats-py's KeyValue writes waited as long (the JetStream context's timeout)
 MAX_LOG_REPLY_BYTES = 800_000  # a reply must fit in NATS's max_payload (1 MB by default)
 
 
@@ -396,11 +398,17 @@ class ConsumerRuns:
         self.scheduler = Scheduler(consumer)
         self._subscriptions: list[Any] = []
         self._tasks: list[asyncio.Task[Any]] = []
+        self._writers: list[PipelinedKeyValue] = []
 
     async def connect(self, nc: Client, js: JetStreamContext, requests_kv: Any) -> StatusStore:
-        from gitfaas.runs import ensure_runs_bucket
+        from gitfaas.runs import RUNS_BUCKET, ensure_runs_bucket
 
         runs_kv = await ensure_runs_bucket(js, self.settings)
+        await self._close_writers()  # those of a connection NATS closed
+        # Status and run index writes, several per message, pipelined (gitfaas/jspublish.py).
+        requests_kv = await PipelinedKeyValue.of(requests_kv, REQUESTS_BUCKET, nc, KV_WRITE_TIMEOUT_SECONDS)
+        runs_kv = await PipelinedKeyValue.of(runs_kv, RUNS_BUCKET, nc, KV_WRITE_TIMEOUT_SECONDS)
+        self._writers = [requests_kv, runs_kv]
         self.book = RunBook(RunStore(runs_kv, nc, max_bytes=nc.max_payload), js, self.settings)
         self.book.control = self.control
         return RunAwareStore(requests_kv, self.book, max_bytes=nc.max_payload)
@@ -439,6 +447,12 @@ class ConsumerRuns:
         if close is not None and self.control is not self.consumer.executor:
             with contextlib.suppress(Exception):
                 await close()
+        await self._close_writers()
+
+    async def _close_writers(self) -> None:
+        writers, self._writers = self._writers, []
+        for writer in writers:
+            await writer.close()
 
     @staticmethod
     def message_time(published_at: float | None, msg: Msg) -> None:

@@ -15,7 +15,8 @@ publish and answer served ~9,300 requests/s with `js.publish`, ~11,200 with `pub
 - the ack is decoded with orjson; an error ack raises nats-py's own `APIError` (and a no-responders
   status its `NoStreamResponseError`), so callers catch exactly what they caught from `js.publish`.
 
-Ordinary publishes (the CLI, replays, dead letters) keep using `js.publish`.
+The consumer's key-value writes go the same way (`PipelinedKeyValue`). Ordinary publishes (the CLI,
+replays, dead letters) keep using `js.publish`.
 """
 
 from __future__ import annotations
@@ -24,15 +25,19 @@ import asyncio
 import contextlib
 import itertools
 from dataclasses import dataclass
+from typing import Any
 
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js.kv import KeyValue
 
 from gitfaas.fast import loads_trusted
 
 EXPECTED_STREAM = "Nats-Expected-Stream"
+EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
+WRONG_LAST_SEQUENCE = 10071  # JetStream's err_code for a failed Nats-Expected-Last-Subject-Sequence
 _STATUS = "Status"
 _NO_RESPONDERS = "503"
 
@@ -170,3 +175,52 @@ class AckedPublisher:
         for future, _deadline in pending.values():
             if not future.done():
                 future.set_exception(error)
+
+
+class PipelinedKeyValue:
+    """A nats-py `KeyValue` whose writes (`create`, `update`, `put`) go through an `AckedPublisher`.
+
+    The consumer writes a request's status and its run's index several times per message; through
+    nats-py each write is a `js.publish` with the costs the module docstring lists. A key-value write
+    is a publish to `$KV.<bucket>.<key>` (with `Nats-Expected-Last-Subject-Sequence` for `create` and
+    `update`), so that is what this sends, raising what nats-py raises: `KeyWrongLastSequenceError`
+    when another writer won. A `create` over a deleted key, and everything else (reads, watches,
+    deletes), is nats-py's own.
+    """
+
+    def __init__(self, kv: KeyValue, bucket: str, publisher: AckedPublisher) -> None:
+        self._kv = kv
+        self._subject_prefix = f"$KV.{bucket}."
+        self.publisher = publisher
+
+    @classmethod
+    async def of(cls, kv: KeyValue, bucket: str, nc: Client, timeout: float) -> PipelinedKeyValue:
+        publisher = AckedPublisher(nc, f"KV_{bucket}", timeout)
+        await publisher.start()
+        return cls(kv, bucket, publisher)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._kv, name)
+
+    async def _write(self, key: str, value: bytes, headers: dict[str, str]) -> int:
+        try:
+            return (await self.publisher.publish(self._subject_prefix + key, value, headers)).seq
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == WRONG_LAST_SEQUENCE:
+                raise nats.js.errors.KeyWrongLastSequenceError(description=exc.description) from None
+            raise
+
+    async def update(self, key: str, value: bytes, last: int | None = None) -> int:
+        return await self._write(key, value, {EXPECTED_LAST_SUBJECT_SEQUENCE: str(last or 0)})
+
+    async def put(self, key: str, value: bytes) -> int:
+        return await self._write(key, value, {})
+
+    async def create(self, key: str, value: bytes) -> int:
+        try:
+            return await self.update(key, value, last=0)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return await self._kv.create(key, value)  # maybe a deleted key (nats-py reads and updates it)
+
+    async def close(self) -> None:
+        await self.publisher.close()

@@ -23,7 +23,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
 from gitfaas.embedded import EmbeddedNats
-from gitfaas.jspublish import EXPECTED_STREAM, Ack, AckedPublisher, read_ack
+from gitfaas.jspublish import EXPECTED_STREAM, Ack, AckedPublisher, PipelinedKeyValue, read_ack
 from tests.conftest import wait_for
 
 STREAM = "JSP"
@@ -269,3 +269,31 @@ def test_every_answer_to_a_publish_is_an_ack_or_the_error_js_publish_would_raise
     else:
         assert isinstance(outcome, nats.js.errors.APIError), outcome
         assert expected in str(outcome.description)
+
+
+# ---- PipelinedKeyValue: the consumer's key-value writes ----------------------------------------------
+
+async def test_pipelined_key_value_writes_keep_nats_py_semantics(jet: Jet) -> None:
+    """create / update / put through the pipelined publisher: the same revisions, the same
+    KeyWrongLastSequenceError when another writer won, and a create over a deleted key works."""
+    kv = await jet.js.create_key_value(bucket="jsp_kv", history=1)
+    fast = await PipelinedKeyValue.of(kv, "jsp_kv", jet.nc, timeout=GUARD)
+    try:
+        first = await asyncio.wait_for(fast.create("a", b"one"), GUARD)
+        assert (await kv.get("a")).value == b"one" and (await kv.get("a")).revision == first
+        with pytest.raises(nats.js.errors.KeyWrongLastSequenceError):
+            await asyncio.wait_for(fast.create("a", b"again"), GUARD)  # exists: nats-py's own create says so
+        second = await asyncio.wait_for(fast.update("a", b"two", last=first), GUARD)
+        assert second > first and (await kv.get("a")).value == b"two"
+        with pytest.raises(nats.js.errors.KeyWrongLastSequenceError):
+            await asyncio.wait_for(fast.update("a", b"stale", last=first), GUARD)  # another writer won
+        assert (await kv.get("a")).value == b"two"
+        third = await asyncio.wait_for(fast.put("a", b"three"), GUARD)
+        assert third > second and (await kv.get("a")).value == b"three"
+        await kv.delete("a")
+        again = await asyncio.wait_for(fast.create("a", b"reborn"), GUARD)  # over the delete marker
+        assert (await kv.get("a")).value == b"reborn" and (await kv.get("a")).revision == again
+        assert (await fast.get("a")).value == b"reborn"  # reads are nats-py's own
+        assert fast.publisher.pending == 0
+    finally:
+        await fast.close()
