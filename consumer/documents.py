@@ -30,6 +30,21 @@ class Request:
     params: dict[str, str]
 
 
+_last_nats_url: tuple[Settings, str] | None = None
+
+
+def _function_nats_url(settings: Settings) -> str:
+    """NATS_URL as functions get it, worked out once per (frozen) Settings instead of once per message.
+
+    Functions get it without credentials written into it: those are gitfaas's own.
+    """
+    global _last_nats_url
+    last = _last_nats_url
+    if last is None or last[0] is not settings:
+        last = _last_nats_url = (settings, settings.function_nats_url or display_servers(settings, separator=","))
+    return last[1]
+
+
 def render_request(settings: Settings, config: Configuration, request: Request) -> list[dict[str, Any]]:
     """Every document of the request, rendered and stamped — or `PermanentError` and nothing at all."""
     topic = config.topics.get(request.topic)
@@ -42,8 +57,7 @@ def render_request(settings: Settings, config: Configuration, request: Request) 
         body=request.body,
         # A topic's `params` defaults, for what the message does not set itself.
         params={**topic.defaults, **request.params} if topic.params else request.params,
-        # Functions get NATS_URL without credentials written into it: those are gitfaas's own.
-        nats_url=settings.function_nats_url or display_servers(settings, separator=","),
+        nats_url=_function_nats_url(settings),
         bridge_url=settings.bridge_url,
     )
     stamp = Stamp(topic=request.topic, request_id=request.request_id, stream_seq=request.stream_seq,

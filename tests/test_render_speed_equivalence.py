@@ -1,0 +1,129 @@
+"""B5's speed-ups change nothing a message gets: each is checked against the plain construction it replaced.
+
+`random_token` makes two base-36 digits per division; the consumer works out NATS_URL, the allowed
+namespaces and the lowered BANNED_KINDS once per Settings instead of once per message; a Job's two
+label stamps come from one dict. Settings objects used one after the other must each get their own.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from consumer.configuration import load_configuration
+from consumer.documents import Request, render_request
+from consumer.errors import PermanentError
+from consumer.prepare import Stamp, kind_refused, prepare
+from consumer.variables import MessageValues, random_token
+from gitfaas.natsconn import display_servers
+from gitfaas.settings import Settings
+
+_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def reference_token(identity: str, ordinal: int, length: int = 10) -> str:
+    """`random_token` as it was first written: one base-36 digit per division."""
+    number = int.from_bytes(hashlib.sha256(f"{identity}\0{ordinal}".encode()).digest()[:12], "big")
+    chars = []
+    for _ in range(length):
+        number, digit = divmod(number, 36)
+        chars.append(_ALPHABET[digit])
+    return "".join(chars)
+
+
+def test_random_token_is_the_digit_by_digit_token():
+    rng = random.Random(12)
+    for length in range(0, 41):  # past 19 digits the 96 bits are used up: zeros, as before
+        for _ in range(200):
+            identity = f"{rng.getrandbits(128):032x}|{rng.randrange(10**6)}|2026-01-01T00:00:00+00:00"
+            ordinal = rng.randrange(50)
+            assert random_token(identity, ordinal, length) == reference_token(identity, ordinal, length)
+    assert random_token("x", 0) == reference_token("x", 0)  # the default length
+
+
+@pytest.mark.parametrize("body", [b"", b"a", b"ab", b"abc", bytes(range(256)), b"{}" * 700])
+def test_message_is_the_base64_of_the_body(body):
+    values = MessageValues(request_id="r", identity="i", topic="t", body=body, params={}, nats_url="n",
+                           bridge_url="b")
+    assert values.value("MESSAGE", 0) == values.value("PAYLOAD", 0) == base64.b64encode(body).decode("ascii")
+
+
+MANIFEST = """\
+apiVersion: batch/v1
+kind: "{{ kind }}"
+metadata:
+  name: job-{{ RANDOM }}
+  namespace: "{{ ns }}"
+  labels: {team: a}
+spec:
+  template:
+    spec:
+      containers:
+        - name: c
+          image: busybox
+          env:
+            - {name: NATS_URL, value: "{{ NATS_URL }}"}
+"""
+
+
+@pytest.fixture
+def repository(tmp_path: Path) -> Path:
+    (tmp_path / "config.json").write_text(json.dumps({"topics": [{"name": "t", "configs": ["job.yaml"]}]}))
+    (tmp_path / "job.yaml").write_text(MANIFEST)
+    return tmp_path
+
+
+def rendered(settings: Settings, root: Path, **params: str) -> dict:
+    config = load_configuration(root, "c" * 40, settings)
+    request = Request(topic="t", request_id="req-1", identity="req-1|1|x", stream_seq=1, body=b"{}",
+                      params={"kind": "Job", "ns": "default", **params})
+    [document] = render_request(settings, config, request)
+    return document
+
+
+def test_each_settings_gets_its_own_nats_url_namespaces_and_banned_kinds(repository):
+    first = Settings(kube_namespace="default", nats_url="nats://user:secret@one:4222,nats://two:4223",
+                     allowed_namespaces=("default", "team-a"), banned_kinds=("Job",))
+    second = Settings(kube_namespace="default", function_nats_url="nats://functions:4222",
+                      allowed_namespaces=("default",), banned_kinds=("Secret",))
+    for _ in range(3):  # alternating: nothing of one may stick for the other
+        document = rendered(first, repository, kind="CronJob", ns="team-a")
+        env = document["spec"]["template"]["spec"]["containers"][0]["env"]
+        assert env == [{"name": "NATS_URL", "value": "nats://one:4222,nats://two:4223"}]
+        assert env[0]["value"] == display_servers(first, separator=",")
+        assert document["metadata"]["namespace"] == "team-a"
+        with pytest.raises(PermanentError, match="kind Job is banned"):
+            rendered(first, repository)
+
+        document = rendered(second, repository)
+        env = document["spec"]["template"]["spec"]["containers"][0]["env"]
+        assert env == [{"name": "NATS_URL", "value": "nats://functions:4222"}]
+        with pytest.raises(PermanentError, match="namespace 'team-a' is not allowed"):
+            rendered(second, repository, ns="team-a")
+        with pytest.raises(PermanentError, match="kind secretlist is refused"):
+            rendered(second, repository, kind="secretlist")
+
+
+def test_kind_refused_follows_the_settings():
+    assert kind_refused("secret", Settings(banned_kinds=("Secret",))) is not None
+    assert kind_refused("secret", Settings(banned_kinds=("ConfigMap",))) is None
+    assert kind_refused("Secret", Settings(banned_kinds=("Secret",))) is not None
+
+
+def test_a_jobs_labels_are_equal_but_not_shared():
+    stamp = Stamp(topic="t", request_id="req-1", stream_seq=1, commit="c" * 40, identity="i")
+    document = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j", "labels": {"a": 1}},
+                "spec": {"template": {"spec": {}}}}
+    prepare(document, ordinal=0, stamp=stamp, namespace="default", settings=Settings(kube_namespace="default"))
+    labels = document["metadata"]["labels"]
+    pod_labels = document["spec"]["template"]["metadata"]["labels"]
+    assert labels == {"a": "1", **stamp.labels()}
+    assert pod_labels == stamp.labels()
+    assert labels is not pod_labels
+    pod_labels["x"] = "y"
+    assert "x" not in labels
