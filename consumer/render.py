@@ -8,10 +8,13 @@ How: at compile time every ``{{ NAME }}`` is swapped for a sentinel word (letter
 per-compile random nonce), the text is composed into YAML nodes, and each document is turned into a
 tree of small builders. Static scalars are constructed once; containers are rebuilt on every render so
 callers may mutate what they get; scalars holding sentinels become "holes" that splice the values in.
+The tree of a document is then turned into one generated Python function of nested dict and list
+displays (`_generate`), which builds the same result with a fraction of the calls.
 """
 
 from __future__ import annotations
 
+import ast
 import base64
 import json
 import re
@@ -371,6 +374,81 @@ class _Compiler:
         return _Sequence(template, dynamic_items, names)
 
 
+MAX_GENERATED_NODES = 5_000  # larger documents keep the builder tree (compiling the code would take long)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _generate(build: _Mapping) -> Builder | None:
+    """The builder tree as one Python function of nested dict and list displays (or None).
+
+    Same result as calling `build`, in the same order, with far fewer calls: containers are displays,
+    static scalars constants (shared, as the tree shares them), single-variable strings a lookup
+    in `values`. What the tree does in more than a line (typed plain scalars, keys with variables
+    and their collision check) is left to the tree's own objects, called from the code. Nothing of
+    the manifest becomes source text: the code is built as an AST whose constants are the values
+    themselves.
+    """
+    helpers: dict[str, Any] = {"_resolve_plain": _resolve_plain}
+    count = 0
+
+    def values_get(name: str) -> ast.expr:
+        return ast.Subscript(ast.Name("values", ast.Load()), ast.Constant(name), ast.Load())
+
+    def call(builder: Builder) -> ast.expr:
+        helper = f"_b{len(helpers)}"
+        helpers[helper] = builder
+        return ast.Call(ast.Name(helper, ast.Load()), [ast.Name("values", ast.Load())], [])
+
+    def text(hole: _Hole) -> ast.expr:
+        if hole.single is not None:
+            return values_get(hole.single)
+        parts: list[ast.expr] = [ast.Constant(hole.literals[0])]
+        for name, literal in hole.pairs:
+            parts += [values_get(name), ast.Constant(literal)]
+        return ast.Call(ast.Attribute(ast.Constant(""), "join", ast.Load()),
+                        [ast.Tuple(parts, ast.Load())], [])
+
+    def expression(builder: Builder) -> ast.expr:
+        nonlocal count
+        count += 1 + len(getattr(builder, "template", ()))  # static items too
+        if count > MAX_GENERATED_NODES:
+            raise _TooLarge
+        if type(builder) is _Hole:
+            if builder.plain:
+                return ast.Call(ast.Name("_resolve_plain", ast.Load()), [text(builder)], [])
+            return text(builder)
+        if type(builder) is _Sequence:
+            dynamic = dict(builder.dynamic)
+            return ast.List([expression(dynamic[index]) if index in dynamic else ast.Constant(item)
+                             for index, item in enumerate(builder.template)], ast.Load())
+        if type(builder) is _Mapping and builder.keyed is None:
+            dynamic = dict(builder.dynamic)
+            keys: list[ast.expr | None] = []
+            items: list[ast.expr] = []
+            for key, value in builder.template.items():
+                keys.append(ast.Constant(key))
+                items.append(expression(dynamic[key]) if key in dynamic else ast.Constant(value))
+            return ast.Dict(keys, items)
+        return call(builder)
+
+    try:
+        body = expression(build)
+        function = ast.FunctionDef(
+            name="build", args=ast.arguments(posonlyargs=[], args=[ast.arg("values")], kwonlyargs=[],
+                                             kw_defaults=[], defaults=[]),
+            body=[ast.Return(body)], decorator_list=[], returns=None)
+        module = ast.fix_missing_locations(ast.Module([function], type_ignores=[]))
+        namespace = dict(helpers)
+        exec(compile(module, "<gitfaas manifest>", "exec"), namespace)  # an AST of constants: no manifest text
+    except (_TooLarge, RecursionError, MemoryError, SyntaxError, ValueError, TypeError):
+        return None
+    generated: Builder = namespace["build"]
+    return generated
+
+
 @dataclass(frozen=True, slots=True)
 class CompiledDocument:
     """One manifest document, ready to be rendered for many messages.
@@ -385,6 +463,7 @@ class CompiledDocument:
     line: int
     variables: frozenset[str]
     _build: _Mapping = field(repr=False, compare=False)
+    _fast: Builder | None = field(default=None, repr=False, compare=False)  # `_generate(_build)`
 
     def render(self, values: Values) -> dict[str, Any]:
         """A fresh dict (nothing shared with other renders) for one message's values."""
@@ -394,7 +473,7 @@ class CompiledDocument:
             if missing:
                 raise MissingVariablesError(missing)
             raise RenderError(f"{self.source}: values must be strings: {', '.join(sorted(problems))}")
-        return self._build(values)
+        return self._build(values) if self._fast is None else self._fast(values)
 
     def sample(self) -> dict[str, Any]:
         """The document with every variable left visible as `{{NAME}}` (typed as a string)."""
@@ -457,7 +536,8 @@ def compile_manifest(text: str, source: str) -> list[CompiledDocument]:
                 raise compiler.error(root, f"document {len(documents)} is not a mapping")
             build = compiler.mapping(root)
             documents.append(
-                CompiledDocument(source, len(documents), root.start_mark.line + 1, build.names, build)
+                CompiledDocument(source, len(documents), root.start_mark.line + 1, build.names, build,
+                                 _generate(build))
             )
         if len(compiler.seen) < len(names):
             _reject_hidden_variables(substituted, loader_class, compiler)

@@ -127,3 +127,80 @@ def test_a_jobs_labels_are_equal_but_not_shared():
     assert labels is not pod_labels
     pod_labels["x"] = "y"
     assert "x" not in labels
+
+
+# --- generated render code (render._generate) against the builder tree it stands for -----------
+
+KEYS_AND_TYPES = """\
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: x}
+data:
+  1: a
+  true: b
+  1.0: c
+  null: d
+  -0.0: e
+  0.0: f
+  .nan: n
+  base: &base {x: 1, y: "{{ v }}"}
+  m:
+    <<: *base
+    y: 2
+    z: '{{ v }}-{{ w }}'
+  l: [1, "{{ v }}", {{ v }}, x{{ v }}y, .inf, -.inf, 2001-01-01, !!binary aGVsbG8=, {}, [], *base, *base]
+  keyed:
+    "{{ w }}": 5
+    fixed: {{ v }}
+"""
+DEEP = ("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata: " + "{a: " * 96 + "[{{ v }}, '{{ w }}']"
+        + "}" * 96 + "\n")
+ALIASES = ("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata:\n  a: &a [" + ", ".join(["{{ v }}"] * 10)
+           + "]\n  b: &b [" + ", ".join(["*a"] * 10) + "]\n  c: [" + ", ".join(["*b"] * 10) + "]\n")
+
+
+def spelled(value: object) -> str:
+    return repr(value) + json.dumps(value)  # types, key order, NaN and -0.0 included
+
+
+@pytest.mark.parametrize("text", [KEYS_AND_TYPES, DEEP, ALIASES], ids=["keys-and-types", "deep", "aliases"])
+@pytest.mark.parametrize("values", [{"v": "on", "w": "k"}, {"v": "0x1f", "w": "y"}, {"v": "a: b", "w": "{{x}}"},
+                                    {"v": "", "w": ""}, {"v": "2001-01-01", "w": "-1"}])
+def test_the_generated_code_builds_what_the_builder_tree_builds(text, values):
+    from consumer.render import compile_manifest
+
+    [document] = compile_manifest(text, "t.yaml")
+    assert document._fast is not None
+    fast, tree = document.render(values), document._build(values)
+    assert spelled(fast) == spelled(tree)
+    again = document.render(values)
+    assert spelled(again) == spelled(fast)
+    assert again["data"] is not fast["data"]  # fresh containers on every render
+
+
+def test_containers_are_never_shared_within_or_across_renders():
+    from consumer.render import compile_manifest
+
+    [document] = compile_manifest(ALIASES, "t.yaml")
+    first, second = document.render({"v": "1"}), document.render({"v": "1"})
+    assert first["data"]["c"][0] is not first["data"]["c"][1]
+    assert first["data"]["c"][0][0] is not first["data"]["c"][0][1]
+    assert first["data"]["a"] is not second["data"]["a"]
+
+
+def test_a_key_collision_is_refused_by_the_generated_code_too():
+    from consumer.render import RenderError, compile_manifest
+
+    [document] = compile_manifest(KEYS_AND_TYPES, "t.yaml")
+    with pytest.raises(RenderError, match="collides"):
+        document.render({"v": "1", "w": "fixed"})
+
+
+def test_a_very_large_document_keeps_the_builder_tree():
+    from consumer.render import MAX_GENERATED_NODES, compile_manifest
+
+    text = ("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata:\n"
+            + "".join(f"  k{i}: {'{{ v }}' if i % 7 == 0 else i}\n" for i in range(MAX_GENERATED_NODES + 10)))
+    [document] = compile_manifest(text, "t.yaml")
+    assert document._fast is None
+    assert document.render({"v": "x"})["data"]["k7"] == "x"
