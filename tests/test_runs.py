@@ -346,3 +346,20 @@ async def test_cli_logs_follow_until_the_request_is_finished(stack: Stack, k8s: 
     await k8s.set_job_status(job, condition="Complete")
     assert await asyncio.wait_for(following, 15) == 0
     assert out.getvalue().splitlines() == [f"[{job}] one", f"[{job}] two"], "each line once"
+
+
+def test_run_timestamps_are_written_as_datetime_writes_them() -> None:
+    """`rfc3339` formats each second once (hot path); the text is datetime's, rounding included."""
+    import random
+    from datetime import UTC, datetime
+
+    from gitfaas.runs import rfc3339
+
+    def reference(seconds: float) -> str:
+        return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+    chosen = random.Random(7)
+    values = [chosen.uniform(0, 4e9) for _ in range(20_000)]
+    values += [1_764_400_000 + n / 1e4 for n in range(20_000)]  # consecutive times within seconds
+    values += [0.0, 0.0005, 0.0004999, 1.9999995, 1.9999994999, 1_764_400_000.9999996, 253_402_300_799.999]
+    assert [rfc3339(v) for v in values] == [reference(v) for v in values]
