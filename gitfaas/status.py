@@ -12,8 +12,9 @@ carrying the same id is refused, so it cannot overwrite the owner's status, resp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +106,24 @@ class StatusStore:
         """`max_bytes`: the server's `max_payload`; a document that would not fit is refused (`StatusTooLarge`)."""
         self.kv = kv
         self.max_bytes = max_bytes
+        # Writers of one key in this process take turns (a request's ten Jobs all reporting at once
+        # would otherwise race each other's revisions until the retries run out); other processes
+        # are kept apart by the revision guard.
+        self._turns: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, key: str) -> AsyncIterator[None]:
+        lock, waiting = self._turns.get(key) or (asyncio.Lock(), 0)
+        self._turns[key] = (lock, waiting + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, waiting = self._turns[key]
+            if waiting == 1:
+                del self._turns[key]
+            else:
+                self._turns[key] = (lock, waiting - 1)
 
     def _encode(self, request_id: str, document: dict[str, Any]) -> bytes:
         payload = fast.dumps(document)  # orjson when installed (issue 17)
@@ -126,6 +145,11 @@ class StatusStore:
 
     async def claim(self, request_id: str, stream_seq: int, create: Callable[[], dict[str, Any]],
                     attempts: int = 8) -> Claim:
+        async with self._turn(status_key(request_id)):
+            return await self._claim(request_id, stream_seq, create, attempts)
+
+    async def _claim(self, request_id: str, stream_seq: int, create: Callable[[], dict[str, Any]],
+                     attempts: int) -> Claim:
         """Make `request_id` belong to stream message `stream_seq`, unless another message has it.
 
         The first message handled with an id writes its document (`create()`, with `stream_seq`); a
@@ -185,6 +209,18 @@ class StatusStore:
         create: Callable[[], dict[str, Any]] | None = None,
         attempts: int = 8,
         known: Claim | None = None,
+    ) -> dict[str, Any] | None:
+        async with self._turn(status_key(request_id)):
+            return await self._update(request_id, change, create=create, attempts=attempts, known=known)
+
+    async def _update(
+        self,
+        request_id: str,
+        change: Callable[[dict[str, Any]], None],
+        *,
+        create: Callable[[], dict[str, Any]] | None,
+        attempts: int,
+        known: Claim | None,
     ) -> dict[str, Any] | None:
         """Read-modify-write with the revision as guard; retried when another writer won.
 

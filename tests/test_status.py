@@ -206,3 +206,37 @@ async def test_a_topics_retries_rerun_a_failed_request_once_each(
         # The re-run decision is written together with the failure: `retries: 1` is spent.
         assert not failed.get("rerun") and (await status_of(stack, first))["rerun"] is True
         assert len(k8s.jobs()) == 2
+
+
+async def test_many_writers_of_one_status_in_one_process_all_land(nats_server: EmbeddedNats) -> None:
+    """Forty changes to one request's document at once (a fan-out's Jobs reporting together) are all
+    stored, through the pipelined key-value writes: none is lost to "kept changing under us"."""
+    import nats
+
+    from gitfaas.jspublish import PipelinedKeyValue
+    from gitfaas.natsconn import ensure_all
+    from gitfaas.settings import Settings
+    from gitfaas.status import StatusStore
+    from gitfaas.subjects import REQUESTS_BUCKET
+
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        _config, requests_kv = await ensure_all(js, Settings(nats_url=nats_server.url))
+        fast = await PipelinedKeyValue.of(requests_kv, REQUESTS_BUCKET, nc, timeout=5)
+        store = StatusStore(fast, max_bytes=nc.max_payload)
+        request_id = "fan-out-1"
+
+        def mark(index: int) -> Any:
+            def change(document: dict[str, Any]) -> None:
+                document.setdefault("marks", []).append(index)
+            return change
+
+        await asyncio.wait_for(asyncio.gather(*(
+            store.update(request_id, mark(i), create=dict) for i in range(40))), 30)
+        document = await store.get(request_id)
+        assert document is not None and sorted(document["marks"]) == list(range(40))
+        assert not store._turns  # no turn left behind
+        await fast.close()
+    finally:
+        await nc.close()
