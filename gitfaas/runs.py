@@ -36,7 +36,7 @@ from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequen
 from nats.js.kv import KeyValue
 
 from gitfaas.settings import Settings
-from gitfaas.status import StatusStore, is_request_id, wait_for_key
+from gitfaas.status import KeyTurns, StatusStore, is_request_id, wait_for_key
 
 RUNS_BUCKET = "gitfaas_runs"
 RUNS_STREAM = f"KV_{RUNS_BUCKET}"
@@ -284,6 +284,7 @@ class RunStore:
         self.kv = kv
         self.nc = nc
         self.max_bytes = max_bytes
+        self._turn = KeyTurns()
 
     async def _entry(self, key: str) -> tuple[dict[str, Any] | None, int | None]:
         try:
@@ -337,6 +338,11 @@ class RunStore:
                      create: Callable[[], dict[str, Any]] | None = None, attempts: int = 10
                      ) -> dict[str, Any] | None:
         """`change` edits the document and returns False when there is nothing to write."""
+        async with self._turn(run_key(run_id)):
+            return await self._update(run_id, change, create, attempts)
+
+    async def _update(self, run_id: str, change: Callable[[dict[str, Any]], bool | None],
+                      create: Callable[[], dict[str, Any]] | None, attempts: int) -> dict[str, Any] | None:
         for _ in range(attempts):
             document, revision = await self.get_with_revision(run_id)
             if document is None:

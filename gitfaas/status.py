@@ -101,29 +101,41 @@ def _wrong_last_sequence(exc: Exception) -> bool:
         or getattr(exc, "err_code", None) == 10071
 
 
+class KeyTurns:
+    """Writers of one key in this process take turns.
+
+    A request's ten Jobs all reporting at once would otherwise race each other's revisions until
+    their retries run out ("kept changing under us"); other processes are kept apart by the
+    revision guard. `async with turns(key):` — entries go when nobody waits on them.
+    """
+
+    def __init__(self) -> None:
+        self._keys: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @contextlib.asynccontextmanager
+    async def __call__(self, key: str) -> AsyncIterator[None]:
+        lock, waiting = self._keys.get(key) or (asyncio.Lock(), 0)
+        self._keys[key] = (lock, waiting + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, waiting = self._keys[key]
+            if waiting == 1:
+                del self._keys[key]
+            else:
+                self._keys[key] = (lock, waiting - 1)
+
+
 class StatusStore:
     def __init__(self, kv: KeyValue, max_bytes: int | None = None) -> None:
         """`max_bytes`: the server's `max_payload`; a document that would not fit is refused (`StatusTooLarge`)."""
         self.kv = kv
         self.max_bytes = max_bytes
-        # Writers of one key in this process take turns (a request's ten Jobs all reporting at once
-        # would otherwise race each other's revisions until the retries run out); other processes
-        # are kept apart by the revision guard.
-        self._turns: dict[str, tuple[asyncio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def _turn(self, key: str) -> AsyncIterator[None]:
-        lock, waiting = self._turns.get(key) or (asyncio.Lock(), 0)
-        self._turns[key] = (lock, waiting + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, waiting = self._turns[key]
-            if waiting == 1:
-                del self._turns[key]
-            else:
-                self._turns[key] = (lock, waiting - 1)
+        self._turn = KeyTurns()
 
     def _encode(self, request_id: str, document: dict[str, Any]) -> bytes:
         payload = fast.dumps(document)  # orjson when installed (issue 17)

@@ -236,7 +236,7 @@ async def test_many_writers_of_one_status_in_one_process_all_land(nats_server: E
             store.update(request_id, mark(i), create=dict) for i in range(40))), 30)
         document = await store.get(request_id)
         assert document is not None and sorted(document["marks"]) == list(range(40))
-        assert not store._turns  # no turn left behind
+        assert not len(store._turn)  # no turn left behind
         await fast.close()
     finally:
         await nc.close()
