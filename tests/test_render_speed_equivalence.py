@@ -204,3 +204,22 @@ def test_a_very_large_document_keeps_the_builder_tree():
     [document] = compile_manifest(text, "t.yaml")
     assert document._fast is None
     assert document.render({"v": "x"})["data"]["k7"] == "x"
+
+
+def test_generated_code_per_file_is_bounded_and_the_rest_renders_the_same() -> None:
+    """A file at the size limits does not pay for generating code for all its documents (load time):
+    past MAX_GENERATED_NODES_PER_FILE the documents keep the tree, and render the same."""
+    from consumer import render as render_module
+
+    def doc(i: int) -> str:
+        return (f"apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: c{i}}}\ndata:\n"
+                + "".join(f"  k{j}: '{{{{ MESSAGE }}}}-{j}'\n" for j in range(50)))
+
+    documents = render_module.compile_manifest("---\n".join(doc(i) for i in range(300)), "many.yaml")
+    generated = [d for d in documents if d._fast is not None]
+    assert 0 < len(generated) < len(documents)
+    per_document = render_module.MAX_GENERATED_NODES_PER_FILE // len(generated)
+    assert per_document >= 50  # each generated one is one of these documents, not a sliver of one
+    values = {"MESSAGE": "m"}
+    for document in (generated[-1], documents[-1]):
+        assert document.render(values) == document._build(values)
