@@ -35,6 +35,7 @@ from consumer.tracking import RequestTracker
 from consumer.variables import function_uid
 from gitfaas import natsconn
 from gitfaas.httperrors import JsonErrorsRunner
+from gitfaas.jspublish import EXPECTED_STREAM
 from gitfaas.logs import get_logger
 from gitfaas.message import Inbound, read_request_headers
 from gitfaas.metrics import metrics_view
@@ -442,7 +443,7 @@ class Consumer:
         data = msg.data or b""
         headers = {**dead_letter_headers(msg.headers), **ours}
         # js.publish adds the stream it expects as a header of its own.
-        expected = {"Nats-Expected-Stream": self.settings.dead_stream}
+        expected = {EXPECTED_STREAM: self.settings.dead_stream}
         assert self.nc is not None
         if natsconn.wire_size(data, {**headers, **expected}) > self.nc.max_payload:
             # The original and our headers do not fit in one message (the server would close the

@@ -31,12 +31,13 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js.api import Header
 from nats.js.kv import KeyValue
 
 from gitfaas.fast import loads_trusted
 
-EXPECTED_STREAM = "Nats-Expected-Stream"
-EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
+EXPECTED_STREAM = Header.EXPECTED_STREAM.value
+EXPECTED_LAST_SUBJECT_SEQUENCE = Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value
 WRONG_LAST_SEQUENCE = 10071  # JetStream's err_code for a failed Nats-Expected-Last-Subject-Sequence
 _STATUS = "Status"
 _NO_RESPONDERS = "503"

@@ -18,6 +18,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RawStreamMsg
 from nats.js.errors import NotFoundError
 
+from gitfaas.jspublish import EXPECTED_STREAM
 from gitfaas.message import derived_request_id, request_id_of
 from gitfaas.natsconn import HEADER_NAME, wire_size
 from gitfaas.settings import Settings
@@ -106,7 +107,7 @@ async def republish(js: JetStreamContext, settings: Settings, original: StoredMe
     headers[HEADER_REQUEST_ID] = new_id
     headers[HEADER_PARENT] = parent
     headers[HEADER_PUBLISHED_AT] = f"{time.time():.6f}"
-    if max_bytes and wire_size(original.data, {**headers, "Nats-Expected-Stream": settings.stream}) > max_bytes:
+    if max_bytes and wire_size(original.data, {**headers, EXPECTED_STREAM: settings.stream}) > max_bytes:
         raise ReplayTooLarge(f"stream message {original.seq} with a replay's headers would be larger than NATS "
                              f"accepts ({max_bytes} bytes)")
     ack = await js.publish(Subjects(settings.subject_prefix).topic(topic), original.data, headers=headers,

@@ -35,8 +35,9 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
+from gitfaas.jspublish import EXPECTED_LAST_SUBJECT_SEQUENCE
 from gitfaas.settings import Settings
-from gitfaas.status import KeyTurns, StatusStore, is_request_id, wait_for_key
+from gitfaas.status import KeyTurns, StatusStore, is_request_id, is_wrong_last_sequence, wait_for_key
 
 RUNS_BUCKET = "gitfaas_runs"
 RUNS_STREAM = f"KV_{RUNS_BUCKET}"
@@ -317,7 +318,7 @@ class RunStore:
             else:
                 await self.kv.update(run_key(run_id), self._encode(document), last=revision)
         except Exception as exc:
-            if _wrong_last_sequence(exc):
+            if is_wrong_last_sequence(exc):
                 return False
             raise
         return True
@@ -329,7 +330,7 @@ class RunStore:
         not sent (too large, no connection)."""
         try:
             await self.nc.publish(f"$KV.{RUNS_BUCKET}.{run_key(run_id)}", self._encode(document),
-                                  headers={"Nats-Expected-Last-Subject-Sequence": "0"})
+                                  headers={EXPECTED_LAST_SUBJECT_SEQUENCE: "0"})
         except Exception:  # noqa: BLE001 — the caller writes it the usual way
             return False
         return True
@@ -367,7 +368,7 @@ class RunStore:
             try:
                 await self.kv.create(pointer_key(request_id), json.dumps({"root": root}).encode())
             except Exception as exc:
-                if not _wrong_last_sequence(exc):  # already there: nothing to do
+                if not is_wrong_last_sequence(exc):  # already there: nothing to do
                     raise
 
     async def candidates(self, prefix: str) -> list[str]:
@@ -445,11 +446,6 @@ class RunStore:
         if not is_request_id(run_id):
             return False, None
         return await wait_for_key(self.kv, run_key(run_id), done, timeout)
-
-
-def _wrong_last_sequence(exc: Exception) -> bool:
-    return isinstance(exc, KeyWrongLastSequenceError) or "wrong last sequence" in str(exc).lower() \
-        or getattr(exc, "err_code", None) == 10071
 
 
 def is_run_finished(run: Mapping[str, Any]) -> bool:

@@ -23,6 +23,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFound
 from nats.js.kv import KeyValue
 
 from gitfaas import fast
+from gitfaas.jspublish import WRONG_LAST_SEQUENCE
 from gitfaas.subjects import InvalidName, check_request_id
 
 STATES = ("pending", "applied", "running", "succeeded", "failed", "dead", "unknown")
@@ -96,9 +97,10 @@ class Claim:
     revision: int | None = None  # update of this message can skip reading it back
 
 
-def _wrong_last_sequence(exc: Exception) -> bool:
+def is_wrong_last_sequence(exc: Exception) -> bool:
+    """Another writer was first (a key-value write whose expected revision is not the key's last)."""
     return isinstance(exc, KeyWrongLastSequenceError) or "wrong last sequence" in str(exc).lower() \
-        or getattr(exc, "err_code", None) == 10071
+        or getattr(exc, "err_code", None) == WRONG_LAST_SEQUENCE
 
 
 class KeyTurns:
@@ -183,7 +185,7 @@ class StatusStore:
                 try:
                     revision = await self.kv.create(key, self._encode(request_id, document))
                 except Exception as exc:  # `create` of a key that appeared meanwhile
-                    if _wrong_last_sequence(exc):
+                    if is_wrong_last_sequence(exc):
                         continue
                     raise
                 return Claim(None, document, revision)
@@ -197,7 +199,7 @@ class StatusStore:
             try:
                 revision = await self.kv.update(key, self._encode(request_id, document), last=entry.revision)
             except Exception as exc:
-                if _wrong_last_sequence(exc):
+                if is_wrong_last_sequence(exc):
                     continue
                 raise
             return Claim(None, document, revision)
@@ -268,7 +270,7 @@ class StatusStore:
                     await self.kv.update(key, payload, last=revision)
                 return document
             except Exception as exc:  # another writer won, or `create` of a key that appeared meanwhile
-                if _wrong_last_sequence(exc):
+                if is_wrong_last_sequence(exc):
                     continue
                 raise
         raise RuntimeError(f"status of {request_id} kept changing under us; update not stored")
