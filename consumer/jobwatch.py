@@ -105,27 +105,28 @@ class JobWatcher:
                 log.warning("job watch still closing at shutdown", namespaces=self._namespaces)
         self._tasks = []
 
+    async def _get(self, namespace: str, name: str, body: bool) -> tuple[int, bytes]:
+        """One Job `get`: the answer's status, and its body when asked for and 200."""
+        response = await self._batch.read_namespaced_job(name, namespace, _preload_content=False,
+                                                         _request_timeout=self._timeout)
+        async with response:
+            return response.status, await response.read() if body and response.status == 200 else b""
+
     async def exists(self, namespace: str, name: str) -> bool | None:
-        """Whether the API server has this Job now (a `get`); None when it cannot tell."""
+        """Whether the API server has this Job now; None when it cannot tell."""
         try:
-            response = await self._batch.read_namespaced_job(name, namespace, _preload_content=False,
-                                                             _request_timeout=self._timeout)
-            async with response:
-                return {200: True, 404: False}.get(response.status)
+            status, _ = await self._get(namespace, name, body=False)
         except Exception:  # noqa: BLE001 — "cannot tell" is an answer
             return None
+        return {200: True, 404: False}.get(status)
 
     async def _read(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The Job as the API server has it now; None when it is gone or cannot be read."""
         if not namespace or not name:
             return None
         try:
-            response = await self._batch.read_namespaced_job(name, namespace, _preload_content=False,
-                                                             _request_timeout=self._timeout)
-            async with response:
-                if response.status != 200:
-                    return None
-                job = json.loads(await response.read())
+            status, payload = await self._get(namespace, name, body=True)
+            job = json.loads(payload) if status == 200 else None
         except Exception as exc:  # noqa: BLE001 — the next event or the watch tells again
             log.warning("job not read", job=name, namespace=namespace, error=str(exc) or type(exc).__name__)
             return None
