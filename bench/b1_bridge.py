@@ -223,7 +223,7 @@ async def run(smoke: bool = False, profile: bool = False, work: Path | None = No
                     bridge_runs.append(result)
                     bridge_cpu.append({**meter.shares, client_name: client_share, "other processes": meter.others})
                 if profile:  # an extra window, not measured: py-spy pauses the process to sample it
-                    profiler = Profiler(bridge.child.pid, work / "bridge.pyspy.txt", duration)
+                    profiler = Profiler(bridge.child.pid, work / "bridge.pyspy.txt", duration, subprocesses=True)
                     if profiler.start():
                         if use_wrk:
                             await run_wrk(url, script, duration, None)
@@ -275,8 +275,8 @@ async def run(smoke: bool = False, profile: bool = False, work: Path | None = No
     table.numbers = {"bridge_workers": workers, "bridge_rate": bridge_rate, "baseline_rate": base_rate, "ratio": ratio,
                      "bridge_ok": sum(r["ok"] for r in bridge_runs), "baseline_ok": sum(r["ok"] for r in base_runs)}
     if profiler is not None:
-        table.profile = profile_text("B1 bridge process under the same load (an extra, unmeasured window)",
-                                     profiler)
+        table.profile = profile_text(
+            "B1 bridge processes (workers added up) under the same load (an extra, unmeasured window)", profiler)
     return table
 
 

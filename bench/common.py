@@ -534,8 +534,10 @@ def py_spy() -> str | None:
 class Profiler:
     """`py-spy record` attached to a process for a while; `top()` gives its hottest functions."""
 
-    def __init__(self, pid: int, out: Path, seconds: float, rate: int = 200) -> None:
+    def __init__(self, pid: int, out: Path, seconds: float, rate: int = 200, subprocesses: bool = False) -> None:
+        """`subprocesses`: the process's children too (the bridge's workers), their samples added up."""
         self.pid, self.out, self.seconds, self.rate = pid, out, seconds, rate
+        self.subprocesses = subprocesses
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> bool:
@@ -544,7 +546,8 @@ class Profiler:
             return False
         self.process = subprocess.Popen(
             [binary, "record", "-p", str(self.pid), "-d", str(max(1, round(self.seconds))), "-r", str(self.rate),
-             "-f", "raw", "-o", str(self.out), "--gil", "--nonblocking"],
+             "-f", "raw", "-o", str(self.out), "--gil", "--nonblocking",
+             *(["--subprocesses"] if self.subprocesses else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return True
 

@@ -34,6 +34,7 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
+from gitfaas import natsclient
 from gitfaas.logs import get_logger
 from gitfaas.settings import Settings
 from gitfaas.subjects import CONFIG_BUCKET, REQUESTS_BUCKET, Subjects
@@ -157,7 +158,7 @@ async def connect(settings: Settings, name: str, *, attempts: int | None = None,
     while True:
         tried += 1
         try:
-            nc = await nats.connect(**first)
+            nc = await natsclient.connect(**first)
         except ssl.SSLCertVerificationError as exc:
             raise NatsConfigError(f"NATS server certificate not trusted ({display_servers(settings)}): "
                                   f"{exc.verify_message or exc}; check NATS_TLS_CA") from None

@@ -99,6 +99,9 @@ async def test_a_killed_worker_is_replaced_and_the_port_keeps_answering(workers)
     total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                 if line.startswith("gitfaas_bridge_publishes_total{") and 'code="202"' in line)
     assert total >= 60  # one view of every worker's publishes, the dead one's included
+    timed = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith("gitfaas_bridge_publish_seconds_count"))
+    assert timed == total  # each 202 timed once, in the same view (the workers' value files are intact)
 
 
 async def test_sigterm_drains_every_in_flight_publish_of_every_worker(workers) -> None:

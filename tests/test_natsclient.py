@@ -1,0 +1,125 @@
+"""Issue 17: the NATS client both services connect with gathers a few loop turns' commands into one
+socket write (`gitfaas/natsclient.py`), against a real nats-server — and loses, delays or reorders
+nothing while doing so.
+
+The writes are counted at nats-py's transport (a private attribute, like the flush queue the
+client hooks into): if a nats-py upgrade moves either, these tests say so instead of the speed-up
+silently going away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from gitfaas import natsconn
+from gitfaas.embedded import EmbeddedNats
+from gitfaas.natsclient import LINGER_TURNS, GatheringClient
+from gitfaas.settings import Settings
+from tests.conftest import wait_for
+
+
+def count_publish_writes(nc: Client) -> list[int]:
+    """Per socket write of `nc` from now on, how many publishes it carried."""
+    writes: list[int] = []
+    transport: Any = nc._transport  # private: see the module docstring
+    original: Callable[[list[bytes]], None] = transport.writelines
+
+    def counting(chunks: list[bytes]) -> None:
+        writes.append(sum(1 for chunk in chunks if chunk.startswith((b"PUB ", b"HPUB "))))
+        original(chunks)
+
+    transport.writelines = counting
+    return writes
+
+
+async def publish_in_successive_turns(nc: Client, count: int) -> None:
+    """`count` tasks, the i-th publishing in the i-th turn of the event loop (as the messages in
+    flight of a busy consumer do: each reaches its next write a turn or so after the other)."""
+    async def one(turn: int) -> None:
+        for _ in range(turn):
+            await asyncio.sleep(0)
+        await nc.publish(f"gather.{turn}", str(turn).encode())
+
+    await asyncio.gather(*(one(turn) for turn in range(count)))
+
+
+async def test_services_connect_with_the_gathering_client(nats_server: EmbeddedNats) -> None:
+    nc = await natsconn.connect(Settings(nats_url=nats_server.url), "test-gathering")
+    try:
+        assert isinstance(nc, GatheringClient)
+    finally:
+        await nc.close()
+
+
+async def test_publishes_of_successive_turns_leave_in_one_write(nats_server: EmbeddedNats) -> None:
+    """What the client is for: the plain nats-py client sends them in several writes (the control,
+    so the count is known to tell the two apart); ours in one, and every message arrives, in order."""
+    count = LINGER_TURNS + 1
+    plain = await nats.connect(nats_server.url)
+    gathering = await natsconn.connect(Settings(nats_url=nats_server.url), "test-gathering")
+    reader = await nats.connect(nats_server.url)
+    received: list[str] = []
+
+    async def on_message(msg: Msg) -> None:
+        received.append(msg.data.decode())
+
+    try:
+        await reader.subscribe("gather.>", cb=on_message)
+        await reader.flush()
+
+        plain_writes = count_publish_writes(plain)
+        await publish_in_successive_turns(plain, count)
+        await plain.flush()
+        assert sum(plain_writes) == count and len([w for w in plain_writes if w]) > 1, plain_writes
+
+        writes = count_publish_writes(gathering)
+        await publish_in_successive_turns(gathering, count)
+        await gathering.flush()
+        assert [w for w in writes if w] == [count]
+
+        await wait_for(lambda: len(received) == 2 * count, timeout=5)
+        expected = [str(turn) for turn in range(count)]
+        assert received[count:] == expected
+    finally:
+        for nc in (plain, gathering, reader):
+            await nc.close()
+
+
+async def test_a_lone_request_is_answered_and_a_publish_before_close_is_sent(nats_server: EmbeddedNats,
+                                                                           tmp_path: Path) -> None:
+    """An idle connection still answers at once (a request waits on nothing but its own write), and
+    closing while the flusher lingers loses nothing: the close writes what is queued."""
+    server = await natsconn.connect(Settings(nats_url=nats_server.url), "test-responder")
+    client = await natsconn.connect(Settings(nats_url=nats_server.url), "test-requester")
+    reader = await nats.connect(nats_server.url)
+    last: list[bytes] = []
+
+    async def echo(msg: Msg) -> None:
+        await msg.respond(b"re: " + msg.data)
+
+    async def on_last(msg: Msg) -> None:
+        last.append(msg.data)
+
+    try:
+        await server.subscribe("echo", cb=echo)
+        await reader.subscribe("last", cb=on_last)
+        await server.flush()
+        await reader.flush()
+        for number in range(20):
+            reply = await client.request("echo", str(number).encode(), timeout=2)
+            assert reply.data == f"re: {number}".encode()
+        await client.publish("last", b"sent just before close")
+    finally:
+        await client.close()
+        await server.close()
+    try:
+        await wait_for(lambda: last == [b"sent just before close"], timeout=5)
+    finally:
+        await reader.close()
