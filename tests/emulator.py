@@ -230,6 +230,10 @@ class Emulator(kmock.KubernetesEmulator, _DirectDispatch):
         self.faults.append(fault)
         return fault
 
+    def slow_next(self, delay: float, count: int | None = 1, **kwargs: Any) -> Fault:
+        """The next ``count`` matching requests wait ``delay`` seconds, then are served as usual."""
+        return self.fail_next(0, count, delay=delay, **kwargs)
+
     @contextlib.contextmanager
     def failing(self, status: int, **kwargs: Any) -> Iterator[Fault]:
         """Fail matching requests while inside the ``with`` block (the "flag is set" mode)."""
@@ -298,7 +302,8 @@ class Emulator(kmock.KubernetesEmulator, _DirectDispatch):
         if (fault := self._take_fault(request)) is not None:
             if fault.delay:
                 await asyncio.sleep(fault.delay)  # a hung API server, not test synchronisation
-            return fault.render()
+            if fault.status:  # 0 (`slow_next`): a slow server, which then answers as usual
+                return fault.render()
         if request.resource is not None and request.resource.plural == "pods" and request.subresource == "log":
             return await self._serve_pod_log(request)
         if request.resource is not None and request.action == kmock.action.DELETE and request.name:

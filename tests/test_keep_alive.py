@@ -1,0 +1,31 @@
+"""A message whose apply takes longer than ACK_WAIT_SECONDS is not redelivered meanwhile: the consumer
+tells JetStream it is still working on every message in flight (one keep-alive loop for all of them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gitfaas.embedded import EmbeddedNats
+from tests.conftest import EmulatorHandle, GitRepo, make_settings, running_stack, wait_for
+
+ACK_WAIT = 1.0
+HELD = 3.5  # the API server holds the apply this long: three and a half times ACK_WAIT
+
+
+async def test_a_slow_apply_is_not_redelivered_while_it_runs(nats_server: EmbeddedNats, k8s: EmulatorHandle,
+                                                              repo: GitRepo, tmp_path: Path) -> None:
+    settings = make_settings(nats_server, k8s, repo.path, tmp_path, ack_wait_seconds=ACK_WAIT)
+    async with running_stack(settings) as stack:
+        slow = k8s.emulator.slow_next(HELD, None, path=r"/apis/batch/v1/namespaces/default/jobs/.*")
+        quick = await stack.publish("hello")
+        assert quick.status == 202
+        request_id = (await quick.json())["request_id"]
+
+        async def applied() -> dict | None:
+            status, document = await stack.get_json(f"/requests/{request_id}")
+            return document if status == 200 and document.get("state") == "applied" else None
+
+        document = await wait_for(applied, timeout=HELD + 10, message="the held apply to be recorded")
+        assert slow.hits == 1, f"the message was applied {slow.hits} times: redelivered while its apply ran"
+        assert document["attempts"] == 1
+        assert len(k8s.jobs()) == 1
