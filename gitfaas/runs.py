@@ -525,8 +525,17 @@ def job_documents(documents: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]
 
 
 def utc_now() -> str:
-    """Now as RFC 3339 UTC, to the millisecond: how every timestamp of §11 is written."""
-    return rfc3339(time.time())
+    """Now as RFC 3339 UTC, to the millisecond: how every timestamp of §11 is written.
+
+    The text of the last millisecond is kept: the consumer asks several times per message (bench B2)."""
+    now = time.time()
+    millisecond = int(now * 1000)
+    if _NOW[0] != millisecond:
+        _NOW[:] = [millisecond, rfc3339(now)]
+    return _NOW[1]
+
+
+_NOW: list[Any] = [None, ""]  # the millisecond `utc_now` last formatted, and its text
 
 
 _SECOND: list[Any] = [None, ""]  # the last whole second formatted, and its text

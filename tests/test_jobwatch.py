@@ -99,3 +99,38 @@ async def test_a_deleted_unfinished_job_counts_as_failed(watcher, k8s: EmulatorH
 def test_job_state_reads_conditions(condition: str | None, expected: str) -> None:
     assert job_state({"status": job_status(condition)})[0] == expected
     assert job_state({"status": {}}) == ("applied", None)
+
+
+WATCH_LINES = [
+    '{"type": "ADDED", "object": {"kind": "Job", "metadata": {"name": "a", "resourceVersion": "17"}, '
+    '"status": {"active": 1}}}',
+    '{"type": "MODIFIED", "object": {"metadata": {"name": "a", "resourceVersion": "18", '
+    '"labels": {"x": "\\u00e9\\ud83d\\ude00"}}, "spec": {"n": 9223372036854775807, "f": 0.1}}}',
+    '{"type": "DELETED", "object": {"metadata": {"name": "a"}}}',
+    '{"type": "BOOKMARK", "object": {"kind": "Job", "metadata": {"resourceVersion": "30"}}}',
+    '{"type": "ERROR", "object": {"kind": "Status", "code": 410, "reason": "Expired", "message": "too old"}}',
+    '{"kind": "Status", "code": 500, "reason": "InternalError", "message": "boom"}',
+    '{"type": "ADDED"}',
+    'not json at all',
+    '{"type": "ADDED", "object": {"metadata": {"name": "nan", "resourceVersion": "19"}, "v": NaN}}',
+]
+
+
+@pytest.mark.parametrize("line", WATCH_LINES)
+async def test_watch_events_read_as_kubernetes_asyncio_reads_them(line: str) -> None:
+    """The watch reads its usual events with orjson: the same event, resourceVersion and errors as the library's.
+
+    (Not the same: an integer beyond 64 bits, which orjson reads as a float. The API server sends none in a
+    Job or an Event: their numbers are int32 and int64 fields.)"""
+    ours, theirs = jobwatch._RawWatch(), jobwatch.Watch()
+    outcomes = []
+    try:
+        for watch in (ours, theirs):
+            try:
+                outcomes.append(("event", watch.unmarshal_event(line, None), watch.resource_version))
+            except Exception as exc:  # noqa: BLE001 — compared below
+                outcomes.append(("error", type(exc), str(exc), watch.resource_version))
+    finally:
+        for watch in (ours, theirs):
+            await watch._api_client.close()
+    assert repr(outcomes[0]) == repr(outcomes[1])

@@ -363,3 +363,23 @@ def test_run_timestamps_are_written_as_datetime_writes_them() -> None:
     values += [1_764_400_000 + n / 1e4 for n in range(20_000)]  # consecutive times within seconds
     values += [0.0, 0.0005, 0.0004999, 1.9999995, 1.9999994999, 1_764_400_000.9999996, 253_402_300_799.999]
     assert [rfc3339(v) for v in values] == [reference(v) for v in values]
+
+
+def test_now_is_the_text_of_now_even_when_asked_many_times_a_millisecond() -> None:
+    """`utc_now` keeps the last millisecond's text (several calls per message): it still moves with the clock."""
+    import time
+
+    from gitfaas.runs import rfc3339, utc_now
+
+    texts = []
+    for _ in range(5_000):
+        before = rfc3339(time.time() - 0.001)
+        now = utc_now()
+        after = rfc3339(time.time() + 0.001)
+        assert before <= now <= after
+        texts.append(now)
+    assert texts == sorted(texts)
+    deadline = time.monotonic() + 1
+    while utc_now() == texts[-1] and time.monotonic() < deadline:  # about a millisecond: the clock moving
+        pass
+    assert utc_now() > texts[-1]
