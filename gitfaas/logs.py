@@ -26,15 +26,11 @@ def configure(level: str = "INFO", fmt: str = "auto") -> None:
         numeric = logging.INFO
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     renderer: structlog.types.Processor = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-    factory: Any = structlog.PrintLoggerFactory(file=sys.stderr)
     if use_json:
-        renderer = structlog.processors.JSONRenderer()
-        binary = getattr(sys.stderr, "buffer", None)
-        if fast.orjson is not None and binary is not None:
-            # structlog's own advice for speed (a line per message on the consumer's hot path, bench B2):
-            # orjson writing bytes, straight to the stream's buffer.
-            renderer = structlog.processors.JSONRenderer(serializer=_json_line)
-            factory = structlog.BytesLoggerFactory(file=binary)
+        # orjson, as structlog advises for speed (a line per message on the consumer's hot path, bench B2).
+        # Written as text to `sys.stderr` itself, not its binary buffer: `gitfaas up` guards that stream
+        # (cli/output.py: a closed pipe stops everything instead of failing every write).
+        renderer = structlog.processors.JSONRenderer(serializer=_json_line)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -44,7 +40,7 @@ def configure(level: str = "INFO", fmt: str = "auto") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=factory,
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
     # Libraries (nats, aiohttp, kubernetes_asyncio) log through the standard library.
@@ -52,12 +48,14 @@ def configure(level: str = "INFO", fmt: str = "auto") -> None:
     _configured = True
 
 
-def _json_line(event: Any, **options: Any) -> bytes:
-    """A log line by orjson (what it cannot write, e.g. an integer over 64 bits, by `json`)."""
-    try:
-        return fast.orjson.dumps(event, default=options.get("default"))  # type: ignore[no-any-return,union-attr]
-    except TypeError:
-        return json.dumps(event, **options).encode()
+def _json_line(event: Any, **options: Any) -> str:
+    """A log line by orjson when installed (what it cannot write, e.g. an integer over 64 bits, by `json`)."""
+    if fast.orjson is not None:
+        try:
+            return fast.orjson.dumps(event, default=options.get("default")).decode()  # type: ignore[no-any-return]
+        except TypeError:
+            pass
+    return json.dumps(event, **options)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -150,6 +150,8 @@ class Fault:
     details: dict[str, Any] | None = None  # the Status's `details` (e.g. `causes`)
     hits: int = 0  # requests failed
     passed: int = 0  # matching requests let through (`every` > 1)
+    active: int = 0  # requests held by `delay` now
+    most_active: int = 0  # the most held at once
     failed: list[str] = field(default_factory=list)  # "METHOD /path" of each failed request (the first 1000)
 
     def matches(self, request: kmock.Request) -> bool:
@@ -301,7 +303,12 @@ class Emulator(kmock.KubernetesEmulator, _DirectDispatch):
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         if (fault := self._take_fault(request)) is not None:
             if fault.delay:
-                await asyncio.sleep(fault.delay)  # a hung API server, not test synchronisation
+                fault.active += 1
+                fault.most_active = max(fault.most_active, fault.active)
+                try:
+                    await asyncio.sleep(fault.delay)  # a hung API server, not test synchronisation
+                finally:
+                    fault.active -= 1
             if fault.status:  # 0 (`slow_next`): a slow server, which then answers as usual
                 return fault.render()
         if request.resource is not None and request.resource.plural == "pods" and request.subresource == "log":

@@ -29,3 +29,33 @@ async def test_a_slow_apply_is_not_redelivered_while_it_runs(nats_server: Embedd
         assert slow.hits == 1, f"the message was applied {slow.hits} times: redelivered while its apply ran"
         assert document["attempts"] == 1
         assert len(k8s.jobs()) == 1
+
+
+async def test_a_process_applies_max_concurrency_messages_at_once_and_holds_twice_as_many(
+        nats_server: EmbeddedNats, k8s: EmulatorHandle, repo: GitRepo, tmp_path: Path) -> None:
+    """MAX_CONCURRENCY=2: two applies at a time; two more messages are claimed while they wait for their
+    turn (four `pending`: the two being applied too), the rest stay in the stream for other processes."""
+    settings = make_settings(nats_server, k8s, repo.path, tmp_path, max_concurrency=2)
+    async with running_stack(settings) as stack:
+        slow = k8s.emulator.slow_next(1.5, None, path=r"/apis/batch/v1/namespaces/default/jobs/.*")
+        ids = [(await (await stack.publish("hello")).json())["request_id"] for _ in range(6)]
+
+        async def states() -> list[str]:
+            found = []
+            for request_id in ids:
+                code, document = await stack.get_json(f"/requests/{request_id}")
+                found.append(document.get("state") if code == 200 else "-")
+            return found
+
+        await wait_for(lambda: slow.active == 2, message="two applies held by the API server")
+        held = await wait_for(lambda: _counted(states(), "pending", 4), message="two more claimed, waiting")
+        assert held.count("-") == 2, f"the process holds four messages, not more: {held}"
+        assert slow.active == 2, "the first two are still being applied: the other two wait for their turn"
+        await wait_for(lambda: _counted(states(), "applied", 6), timeout=30, message="all six applied")
+        assert slow.most_active == 2 and slow.hits == 6
+        assert len(k8s.jobs()) == 6
+
+
+async def _counted(states, state: str, count: int) -> list[str] | None:
+    found = await states
+    return found if found.count(state) == count else None

@@ -82,9 +82,11 @@ async def test_a_run_is_finished_only_after_its_last_step_even_when_a_job_publis
     run = await run_of(stack, a)
     assert run["state"] == "running" and run["run_id"] == a and [r["request_id"] for r in run["requests"]] == [a]
 
-    # The race: a's Job publishes b and exits at once, while the consumer is busy (MAX_CONCURRENCY=1,
-    # an apply the API server holds for 2 s): when a's end is seen, b is stored but not handled yet.
-    slow = k8s.emulator.fail_next(500, 1, path=r"/apis/batch/v1/namespaces/default/jobs/slow-.*", delay=2.0)
+    # The race: a's Job publishes b and exits at once, while the consumer is busy (MAX_CONCURRENCY=1, so it
+    # holds two messages: one whose apply the API server holds for 2 s, one waiting for its turn): when a's
+    # end is seen, b is stored but not handled yet.
+    slow = k8s.emulator.fail_next(500, 2, path=r"/apis/batch/v1/namespaces/default/jobs/slow-.*", delay=2.0)
+    await publish(stack, "slow")
     await publish(stack, "slow")
     await wait_for(lambda: slow.hits == 1, message="the slow apply to be held by the API server")
     b = await publish(stack, "b", parent=a)
@@ -114,7 +116,7 @@ async def test_a_run_is_finished_only_after_its_last_step_even_when_a_job_publis
         assert document["root"] == a and document["state"] == "succeeded"
         assert document["published_at"] <= document["applied_at"] <= document["finished_at"]
         assert document["published_at"].endswith("Z")
-    assert slow.hits == 1
+    assert slow.hits == 2  # the fault happened: both slow messages were held
 
 
 async def test_a_run_whose_middle_step_fails_names_that_step(chain: Stack, k8s: EmulatorHandle) -> None:
