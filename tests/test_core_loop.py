@@ -226,3 +226,14 @@ async def test_idempotency_key_answers_the_first_request_and_creates_nothing_new
     await wait_for(lambda: len(k8s.jobs()) == 2, message="two Jobs: the keyed request once, the other once")
     assert sorted(env_of(job)["REQUEST_UUID"] for job in k8s.jobs()) == sorted(
         [one["request_id"], (await third.json())["request_id"]])
+
+
+def test_an_applied_object_keeps_every_field_when_its_function_uid_is_set() -> None:
+    import dataclasses
+
+    from consumer.executors.base import Applied
+
+    applied = Applied("batch/v1", "Job", "ns", "name", uid="u-1", warnings=("w",))
+    assert applied.with_function_uid("r.0.x") == dataclasses.replace(applied, function_uid="r.0.x")
+    assert {f.name for f in dataclasses.fields(Applied)} == {
+        "api_version", "kind", "namespace", "name", "uid", "function_uid", "warnings"}, "with_function_uid names each"

@@ -6,7 +6,6 @@ Job watch it uses) imports these types without importing the package that choose
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,7 +29,8 @@ class Applied:
         return found
 
     def with_function_uid(self, function_uid: str) -> Applied:
-        return dataclasses.replace(self, function_uid=function_uid)
+        # (Not `dataclasses.replace`, which looks up the fields each time: once per applied object.)
+        return Applied(self.api_version, self.kind, self.namespace, self.name, self.uid, function_uid, self.warnings)
 
 
 @dataclass(frozen=True, slots=True)
