@@ -101,6 +101,7 @@ class Consumer:
         self._pull: ContinuousPull | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[Any]] = []
+        self._keeper: asyncio.Task[None] | None = None  # keep-alives of the messages in flight, until they end
         self._http: web.AppRunner | None = None
         self._topic_limits: dict[str, asyncio.Semaphore] = {}
         self._applying = asyncio.Semaphore(settings.max_concurrency)  # messages whose objects are being applied
@@ -135,7 +136,7 @@ class Consumer:
         if s.git_poll_seconds > 0:
             self._loops.append(asyncio.create_task(self._poll(), name="consumer-git-poll"))
         self._loops.append(asyncio.create_task(self._watch_queue(), name="consumer-queue-metrics"))
-        self._loops.append(asyncio.create_task(self._keep_alive(), name="consumer-keep-alive"))
+        self._keeper = asyncio.create_task(self._keep_alive(), name="consumer-keep-alive")
         if hasattr(self.executor, "job_watch"):
             self._loops.append(asyncio.create_task(self._mark_lost_jobs(), name="consumer-lost-jobs"))
         log.info("consumer started", stream=s.stream, durable=s.durable, executor=s.executor,
@@ -183,6 +184,8 @@ class Consumer:
                 task.cancel()  # each hands its message back (nak) as it unwinds: let that happen
             if pending:
                 await asyncio.wait(pending, timeout=2)
+        if self._keeper is not None:
+            self._keeper.cancel()
         if self._http is not None:
             await self._http.cleanup()
         await self.runs.stop()
