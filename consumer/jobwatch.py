@@ -63,6 +63,8 @@ class _RawWatch(Watch):
         if isinstance(metadata, dict) and "resourceVersion" in metadata:
             self.resource_version = metadata["resourceVersion"]
         return event
+
+
 WATCH_SECONDS = 300
 RETRY_SECONDS = 2.0
 MAX_REMEMBERED = 20_000

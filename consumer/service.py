@@ -56,12 +56,12 @@ from gitfaas.subjects import (
 log = get_logger("gitfaas.consumer")
 
 NO_CONFIG_RETRY_SECONDS = 2.0
-# A process applies at most MAX_CONCURRENCY messages at once and holds up to this many times as many: the
-# others are being claimed or recorded (NATS round trips) or wait for their turn, so the status writes of
-# some overlap the applies of others instead of taking their slots (issue 17: bench B2 +7 to 13%).
-HELD_PER_SLOT = 2
 MAX_NAK_DELAY_SECONDS = 60.0
 MAX_RECONNECT_DELAY_SECONDS = 10.0
+
+
+class Stopping(Exception):
+    """A held message's turn to be applied came after SIGTERM: it is handed back, not started."""
 
 
 def nak_delay(delivered: int) -> float:
@@ -163,7 +163,7 @@ class Consumer:
         assert self.nc is not None
         s = self.settings
         await self.nc.subscribe(self.subjects.refresh, cb=self._on_refresh_request)
-        self._pull = ContinuousPull(self.nc, s.stream, s.durable, s.max_concurrency * HELD_PER_SLOT)
+        self._pull = ContinuousPull(self.nc, s.stream, s.durable, s.max_concurrency * natsconn.MESSAGES_HELD_PER_SLOT)
         await self._pull.start()
         self._dispatcher = asyncio.create_task(self._dispatch(self._pull), name="consumer-dispatch")
         await self.runs.serve(self.nc)
@@ -324,6 +324,9 @@ class Consumer:
                 self.handled += 1
                 return
             applied = await self._process(msg, config, topic, request_id, seq)
+        except Stopping:
+            log.info("not applied: the consumer is stopping, the message goes back to the stream")
+            await _settle(msg.nak())
         except PermanentError as exc:
             await self._give_up(msg, topic, inbound, str(exc), applied=list(exc.applied))
         except TransientError as exc:
@@ -425,6 +428,8 @@ class Consumer:
         try:
             # The topic's turn first, then the process's: a message waiting for its topic takes no slot.
             async with self._topic_limit(topic_name, topic.max_concurrency), self._applying:
+                if self._stopping:  # its turn came during a shutdown: another process applies it
+                    raise Stopping
                 for ordinal, document in enumerate(documents):
                     try:
                         result = await self.executor.apply(document)

@@ -54,4 +54,13 @@ else:  # pragma: no cover
 
 
 def _std_dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    # A lone surrogate (text decoded with `surrogateescape`) has no UTF-8 form: written as U+FFFD, the
+    # document stays valid UTF-8 JSON that every reader takes, instead of not being written at all.
+    return _encode_text(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+
+
+def _encode_text(text: str) -> bytes:
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # (a valid surrogate pair written as two escapes stays one character)
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode()

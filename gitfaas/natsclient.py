@@ -3,9 +3,10 @@
 nats-py queues every command (a publish, an ack, a key-value write) and wakes its flusher task,
 which writes what is queued in one `send`, at the next turn of the event loop. Under load the
 commands of one message come a turn or two apart (a status write, then the ack), and so do those
-of the messages in flight beside it, so most left in a write of their own. On loopback a `send`
-also runs the receiving side's TCP work: on the 2-core bench machine those writes were ~15% of
-the consumer's CPU (py-spy) and a good part of nats-server's.
+of the messages in flight beside it, so most left in a write of their own, and each write woke
+nats-server. On the 2-core bench machine (four busy processes) py-spy put ~15% of the consumer's
+samples on those writes: little of it the system call itself (perf: 7% of the consumer's CPU in
+the kernel, all calls together), most of it waiting to run again after waking the server.
 
 Waiting `LINGER_TURNS` more turns of the loop before writing gathers them (issue 17: bench B2
 +10 to 15%, B1 +7 to 17%). A turn with nothing else to do takes microseconds, so an idle service
@@ -18,27 +19,37 @@ nats-py 2.16; `tests/test_natsclient.py` fails if it moves): the flusher's wait 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 from nats.aio.client import Client as NatsClient
 
-LINGER_TURNS = 2  # 1 gathered less (B1 +7%), 4 no more than 2 (bench B1, B2; 2026-11-30)
+LINGER_TURNS = 2  # 1 gathered less (B1 +7%), 3 and 4 no more than 2 (bench B1, B2; 2026-11-29)
 
 
 class _LingeringQueue(asyncio.Queue[Any]):
     """nats-py's flush queue, whose reader (the flusher) waits `LINGER_TURNS` turns after each wake-up."""
 
     async def get(self) -> Any:
-        item = await super().get()
+        item = None
         try:
+            item = await super().get()
             for _ in range(LINGER_TURNS):
                 await asyncio.sleep(0)
-        except asyncio.CancelledError:  # the connection is closing: leave the wake-up as nats-py would
-            with contextlib.suppress(asyncio.QueueFull):
-                self.put_nowait(item)
+        except asyncio.CancelledError:
+            # The connection is closing or reconnecting: its close writes what is pending, a reconnect
+            # kicks the next flusher. Whoever waits on a wake-up (a publish that found the buffer full
+            # and forced a flush) is released, or it would wait for ever — nats-py's own flusher leaves
+            # the ones still queued so (found with its default `flush_timeout=None`).
+            _release(item)
+            while not self.empty():
+                _release(self.get_nowait())
             raise
         return item
+
+
+def _release(item: Any) -> None:
+    if isinstance(item, asyncio.Future) and not item.done():
+        item.set_result(None)
 
 
 class GatheringClient(NatsClient):

@@ -37,3 +37,11 @@ def test_validate_accepts_and_refuses_exactly_what_loads_does():
             assert str(raised.value) == str(exc)
         else:
             safejson.validate(body)
+
+
+def test_a_lone_surrogate_is_written_as_a_replacement_character_not_refused() -> None:
+    """Text decoded with `surrogateescape` (a process's output, a file name) can carry one; the status or
+    run document it is in is still written, as valid UTF-8 JSON any reader takes."""
+    written = fast.dumps({"error": "bad byte: \udcff!", "pair": "\ud83d\ude00"})
+    assert json.loads(written.decode("utf-8")) == {"error": "bad byte: \ufffd!", "pair": "\U0001F600"}
+    assert fast.loads_trusted(written) == json.loads(written)

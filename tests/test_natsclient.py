@@ -116,6 +116,8 @@ async def test_a_lone_request_is_answered_and_a_publish_before_close_is_sent(nat
             reply = await client.request("echo", str(number).encode(), timeout=2)
             assert reply.data == f"re: {number}".encode()
         await client.publish("last", b"sent just before close")
+        await asyncio.sleep(0)  # the flusher has woken and lingers: the close comes in the middle of it
+        assert client._flush_queue.qsize() == 0 and client.pending_data_size > 0
     finally:
         await client.close()
         await server.close()
@@ -123,3 +125,20 @@ async def test_a_lone_request_is_answered_and_a_publish_before_close_is_sent(nat
         await wait_for(lambda: last == [b"sent just before close"], timeout=5)
     finally:
         await reader.close()
+
+
+async def test_a_publish_waiting_for_a_forced_flush_is_released_when_the_connection_closes(
+        nats_server: EmbeddedNats) -> None:
+    """A publish that finds nats-py's buffer full waits for the flusher; closing the connection while
+    the flusher lingers must not leave it waiting for ever."""
+    for turns in range(LINGER_TURNS + 2):
+        client = GatheringClient()
+        await client.connect(servers=[nats_server.url], pending_size=100)  # a 1 KB publish forces a flush
+        await client.publish("warm", b"x")
+        await client.flush()
+        publishing = asyncio.create_task(client.publish("forced", b"a" * 1000))
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        await client.close()
+        done, _ = await asyncio.wait([publishing], timeout=5)
+        assert done, f"the publish still waits after the close ({turns} turns in)"
