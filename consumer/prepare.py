@@ -8,7 +8,6 @@ a parameter placed in `namespace:` or `kind:` cannot escape what the commit chec
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import re
 from collections.abc import Mapping
@@ -48,7 +47,7 @@ def kind_refused(kind: str, settings: Settings) -> str | None:
     Compared without case (the API server would refuse `secret`, but a policy must not rely on
     that), and lists are refused too: a `SecretList` or a `List` could carry a banned kind.
     """
-    banned = _lowered(tuple(settings.banned_kinds))
+    banned = settings.banned_kinds_lowered
     lowered = kind.lower()
     if lowered in banned:
         return f"kind {kind} is banned (BANNED_KINDS)"
@@ -56,24 +55,6 @@ def kind_refused(kind: str, settings: Settings) -> str | None:
         return (f"kind {kind} is refused: a list could carry a kind of BANNED_KINDS; "
                 "write each object as its own document")
     return None
-
-
-@functools.lru_cache(maxsize=16)
-def _lowered(names: tuple[str, ...]) -> frozenset[str]:
-    """BANNED_KINDS without case, made once per setting instead of once per document."""
-    return frozenset(name.lower() for name in names)
-
-
-_last_allowed: tuple[Settings, frozenset[str]] | None = None
-
-
-def _namespaces_allowed(settings: Settings) -> frozenset[str]:
-    """`settings.namespaces_allowed`, made once per (frozen) Settings instead of once per document."""
-    global _last_allowed
-    last = _last_allowed
-    if last is None or last[0] is not settings:
-        last = _last_allowed = (settings, settings.namespaces_allowed)
-    return last[1]
 
 
 def label_value(value: str) -> str:
@@ -138,7 +119,7 @@ def prepare(
     else:
         metadata.pop("generateName", None)
     own_namespace = metadata.get("namespace") or namespace
-    if not isinstance(own_namespace, str) or own_namespace not in _namespaces_allowed(settings):
+    if not isinstance(own_namespace, str) or own_namespace not in settings.namespaces_allowed:
         raise PolicyError(
             f"{kind} {metadata['name']}: namespace {own_namespace!r} is not allowed "
             f"(ALLOWED_NAMESPACES: {', '.join(sorted(settings.namespaces_allowed))})",

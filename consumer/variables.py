@@ -127,4 +127,3 @@ class MessageValues:
         if isinstance(node, str):
             return node
         return json.dumps(node, separators=(",", ":"))
-

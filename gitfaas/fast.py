@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 try:  # pragma: no cover - depends on the platform's wheels
@@ -37,26 +37,28 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
 if orjson is not None:
     _dumps = orjson.dumps
 
-    def dumps(value: Any) -> bytes:
-        """Compact UTF-8 JSON bytes (orjson; non-str keys and subclasses as `json` would)."""
+    def dumps(value: Any, default: Callable[[Any], Any] | None = None) -> bytes:
+        """Compact UTF-8 JSON bytes (orjson; non-str keys and subclasses as `json` would).
+
+        `default`: what to write for an object JSON has no form for (as `json.dumps` takes it)."""
         try:
-            return _dumps(value)
+            return _dumps(value, default=default)
         except TypeError:  # e.g. int keys beyond orjson's defaults, integers over 64 bits
-            return _std_dumps(value)
+            return _std_dumps(value, default)
 
     loads_trusted = orjson.loads
 else:  # pragma: no cover
 
-    def dumps(value: Any) -> bytes:
-        return _std_dumps(value)
+    def dumps(value: Any, default: Callable[[Any], Any] | None = None) -> bytes:
+        return _std_dumps(value, default)
 
     loads_trusted = json.loads
 
 
-def _std_dumps(value: Any) -> bytes:
+def _std_dumps(value: Any, default: Callable[[Any], Any] | None = None) -> bytes:
     # A lone surrogate (text decoded with `surrogateescape`) has no UTF-8 form: written as U+FFFD, the
     # document stays valid UTF-8 JSON that every reader takes, instead of not being written at all.
-    return _encode_text(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+    return _encode_text(json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=default))
 
 
 def _encode_text(text: str) -> bytes:

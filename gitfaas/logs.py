@@ -6,7 +6,6 @@ handler binds them once and every line below it is traceable.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from typing import Any
@@ -49,13 +48,8 @@ def configure(level: str = "INFO", fmt: str = "auto") -> None:
 
 
 def _json_line(event: Any, **options: Any) -> str:
-    """A log line by orjson when installed (what it cannot write, e.g. an integer over 64 bits, by `json`)."""
-    if fast.orjson is not None:
-        try:
-            return fast.orjson.dumps(event, default=options.get("default")).decode()  # type: ignore[no-any-return]
-        except TypeError:
-            pass
-    return json.dumps(event, **options)
+    """A log line by `fast.dumps` (orjson when installed), with structlog's fallback for other objects."""
+    return fast.dumps(event, default=options.get("default")).decode()
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -22,13 +22,15 @@ def process_id() -> int:
     return _PID[0]
 
 
-if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+# prometheus_client's own variable (bridge/workers.py sets it for the workers), read once as the library does.
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+if MULTIPROCESS:
     values.ValueClass = values.MultiProcessValue(process_identifier=process_id)
 
 
 def _registry() -> CollectorRegistry:
     """One bridge of several (BRIDGE_WORKERS, bridge/workers.py): every worker's figures added up."""
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if not MULTIPROCESS:
         return REGISTRY
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)

@@ -9,6 +9,7 @@ as aliases so an existing deployment keeps working.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -91,9 +92,15 @@ class Settings:
     def topic_prefix(self) -> str:
         return f"{self.subject_prefix}.topics."
 
-    @property
+    # Worked out once per Settings (it is frozen): the consumer checks both for every rendered document.
+    @functools.cached_property
     def namespaces_allowed(self) -> frozenset[str]:
         return frozenset(self.allowed_namespaces or (self.kube_namespace,))
+
+    @functools.cached_property
+    def banned_kinds_lowered(self) -> frozenset[str]:
+        """BANNED_KINDS without case (a policy compares kinds without it)."""
+        return frozenset(name.lower() for name in self.banned_kinds)
 
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
