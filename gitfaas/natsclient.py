@@ -13,7 +13,9 @@ Waiting `LINGER_TURNS` more turns of the loop before writing gathers them (issue
 answers as fast as before; a busy one writes less often, with more in each write.
 
 nats-py has no setting for this. The hook is its flush queue, a private attribute (pinned
-nats-py 2.16; `tests/test_natsclient.py` fails if it moves): the flusher's wait on it lingers.
+nats-py 2.16; `tests/test_natsclient.py` fails if it moves): the flusher's wait on it lingers. A PING
+then goes through the same queue, in order (`_send_ping`), so `flush()` still means that everything
+before it has reached the server.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from nats.aio.client import PING_PROTO
 from nats.aio.client import Client as NatsClient
 
 LINGER_TURNS = 2  # 1 gathered less (B1 +7%), 3 and 4 no more than 2 (bench B1, B2; 2026-11-29)
@@ -64,6 +67,20 @@ class GatheringClient(NatsClient):
                 lingering.put_nowait(queue.get_nowait())
             self._flush_queue = lingering
         await super()._flusher()
+
+    async def _send_ping(self, future: asyncio.Future[Any] | None = None) -> None:
+        """A PING (of `flush()`, `rtt()`, the keep-alive) queued behind what is pending, not written ahead of it.
+
+        nats-py writes the PING straight to the socket, so a `flush()` could return before the commands
+        still waiting for the flusher had reached the server — a subscription not yet in place when
+        `subscribe(); flush()` returned. Lingering widened that window from one loop turn to three;
+        in order, the PONG means what `flush()` promises. (While disconnected, nats-py's own way.)"""
+        if not self.is_connected:
+            await super()._send_ping(future)
+            return
+        self._pongs.append(future if future is not None else asyncio.get_running_loop().create_future())
+        await self._send_command(PING_PROTO)
+        await self._flush_pending()
 
 
 async def connect(**options: Any) -> GatheringClient:

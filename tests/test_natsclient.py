@@ -64,7 +64,8 @@ async def test_publishes_of_successive_turns_leave_in_one_write(nats_server: Emb
     count = LINGER_TURNS + 1
     plain = await nats.connect(nats_server.url)
     gathering = await natsconn.connect(Settings(nats_url=nats_server.url), "test-gathering")
-    reader = await nats.connect(nats_server.url)
+    # (A gathering reader: nats-py's own `flush()` may return before its subscription reached the server.)
+    reader = await natsconn.connect(Settings(nats_url=nats_server.url), "test-reader")
     received: list[str] = []
 
     async def on_message(msg: Msg) -> None:
@@ -142,3 +143,54 @@ async def test_a_publish_waiting_for_a_forced_flush_is_released_when_the_connect
         await client.close()
         done, _ = await asyncio.wait([publishing], timeout=5)
         assert done, f"the publish still waits after the close ({turns} turns in)"
+
+
+def record_wire_order(nc: Client) -> list[bytes]:
+    """Every command `nc` puts on the socket from now on, in order, whichever way nats-py writes it."""
+    sent: list[bytes] = []
+    transport: Any = nc._transport  # private: see the module docstring
+    write, writelines = transport.write, transport.writelines
+
+    def one(payload: bytes) -> None:
+        sent.append(bytes(payload))
+        write(payload)
+
+    def many(chunks: list[bytes]) -> None:
+        sent.extend(bytes(chunk) for chunk in chunks)
+        writelines(chunks)
+
+    transport.write, transport.writelines = one, many
+    return sent
+
+
+async def test_flush_confirms_the_subscription_made_before_it(nats_server: EmbeddedNats) -> None:
+    """`subscribe(); flush()`: the PING goes out behind the SUB, so when `flush()` returns the server has the
+    subscription and a message published next from anywhere is delivered. nats-py writes its PING ahead of
+    what is still queued (the control shows it), which lingering would have made a real gap."""
+    plain = await nats.connect(nats_server.url)
+    gathering = await natsconn.connect(Settings(nats_url=nats_server.url), "test-gathering")
+    publisher = await nats.connect(nats_server.url)
+    received: list[bytes] = []
+
+    async def on_message(msg: Msg) -> None:
+        received.append(msg.data)
+
+    try:
+        plain_order = record_wire_order(plain)
+        await plain.subscribe("order.plain", cb=on_message)
+        await plain.flush()
+        assert [c[:4] for c in plain_order if c[:4] in (b"SUB ", b"PING")] == [b"PING", b"SUB "], plain_order
+
+        order = record_wire_order(gathering)
+        for round_ in range(20):
+            await gathering.subscribe(f"order.{round_}", cb=on_message)
+            await gathering.flush()
+            await publisher.publish(f"order.{round_}", str(round_).encode())
+        kinds = [c[:4] for c in order if c[:4] in (b"SUB ", b"PING")]
+        assert kinds == [b"SUB ", b"PING"] * 20
+        await publisher.flush()
+        await wait_for(lambda: len(received) == 20, timeout=5, message="every message published after a flush")
+        assert received == [str(round_).encode() for round_ in range(20)]
+    finally:
+        for nc in (plain, gathering, publisher):
+            await nc.close()
